@@ -1,0 +1,1 @@
+"""Pure-PyTorch core of StageInteractor (no detectron2/detrex imports)."""

@@ -1,0 +1,1 @@
+"""detectron2 layer of StageInteractor."""

@@ -1,0 +1,1 @@
+"""detrex layer: cross-stage label assignment (CSLA) criteria for detrex detectors."""
