@@ -1,0 +1,197 @@
+"""StageInteractor training criterion: matcher + CSLA + focal/L1/GIoU losses for all stages.
+
+Order (spec §4.1): every stage is matched on its own detached outputs; the CSLA targets of stage
+i come from all in-scope stages' matches (IoU with stage i's boxes); box targets come from
+stage i's own matches only.
+
+Per stage s (spec §4.3), with N_pos the stage's own Hungarian positives and T its multi-hot:
+
+* ``loss_cls_s{s}  = w_cls  * sum(focal(logits, T)) / n_cls``,  ``n_cls = max(sum T, N_pos)``;
+* ``loss_bbox_s{s} = w_bbox * sum(|box/s - gt/s|_1) / n_box``,   ``n_box = N_pos``;
+* ``loss_giou_s{s} = w_giou * sum(1 - GIoU(box, gt)) / n_box``;
+
+``s = (W, H, W, H)`` of the unpadded image. The normalisers are averaged over processes
+(``torch.distributed`` all-reduce when initialised) and clamped to ``>= 1`` (deviation from the
+official code, which can divide by zero).
+"""
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .csla import CrossStageLabelAssigner
+from .diagnostics import label_instability, positive_counts
+from .losses import giou_loss, l1_loss, sigmoid_focal_loss
+from .matcher import HungarianMatcher, image_size_scale
+
+__all__ = ["StageInteractorCriterion", "reduce_mean_across_processes"]
+
+
+def reduce_mean_across_processes(x: Tensor) -> Tensor:
+    """Average ``x`` over all processes if ``torch.distributed`` is initialised (else identity)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x = x / dist.get_world_size()
+    return x
+
+
+class StageInteractorCriterion(nn.Module):
+    """Losses of all decoder stages.
+
+    After each forward, ``self.last_stats`` holds python-float diagnostics (``num_pos_s{s}``,
+    ``num_csla_pos_s{s}``, ``num_extra_pos_s{s}``, ``num_dropped_pos_s{s}``,
+    ``label_instability_s{s}_s{s+1}``), and ``self.last_matches`` (S, B, N),
+    ``self.last_targets`` (S, B, N, K), ``self.last_normalizers`` (S, 2) [n_cls, n_box] keep the
+    tensors of the last call (detached) for parity tests and tools.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        assigner: CrossStageLabelAssigner,
+        loss_class_weight: float = 2.0,
+        loss_bbox_weight: float = 5.0,
+        loss_giou_weight: float = 2.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        stage_weights: Optional[List[float]] = None,
+    ):
+        """
+        Args:
+            num_classes: K.
+            matcher: the Hungarian matcher (run once per stage).
+            assigner: builds the classification targets from all stages' matches.
+            loss_*_weight: weights of the focal, L1 and GIoU losses.
+            focal_alpha, focal_gamma: focal loss parameters.
+            stage_weights: optional per-stage multipliers (default 1 for every stage).
+        """
+        super().__init__()
+        if assigner.num_classes != num_classes:
+            raise ValueError(
+                f"StageInteractorCriterion: num_classes={num_classes} but the assigner has "
+                f"{assigner.num_classes}"
+            )
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.assigner = assigner
+        self.loss_class_weight = float(loss_class_weight)
+        self.loss_bbox_weight = float(loss_bbox_weight)
+        self.loss_giou_weight = float(loss_giou_weight)
+        self.focal_alpha = float(focal_alpha)
+        self.focal_gamma = float(focal_gamma)
+        self.stage_weights = None if stage_weights is None else [float(w) for w in stage_weights]
+        self.last_stats: Dict[str, float] = {}
+        self.last_matches: Optional[Tensor] = None
+        self.last_targets: Optional[Tensor] = None
+        self.last_normalizers: Optional[Tensor] = None
+
+    @torch.no_grad()
+    def match_all(
+        self,
+        stage_outputs: List[Dict[str, Tensor]],
+        gt_boxes: Tensor,
+        gt_classes: Tensor,
+        gt_mask: Tensor,
+        image_sizes: Tensor,
+    ) -> Tensor:
+        """Hungarian matches of every stage on its own detached outputs -> (S, B, N) long."""
+        return torch.stack(
+            [
+                self.matcher(o["logits"], o["boxes"], gt_boxes, gt_classes, gt_mask, image_sizes)
+                for o in stage_outputs
+            ]
+        )
+
+    def forward(
+        self,
+        stage_outputs: List[Dict[str, Tensor]],
+        gt_boxes: Tensor,
+        gt_classes: Tensor,
+        gt_mask: Tensor,
+        image_sizes: Tensor,
+    ) -> Dict[str, Tensor]:
+        """
+        Args:
+            stage_outputs: one dict per stage with ``"logits"`` (B, N, K) and ``"boxes"``
+                (B, N, 4) xyxy absolute.
+            gt_boxes: (B, G, 4) xyxy absolute; gt_classes: (B, G) long; gt_mask: (B, G) bool.
+            image_sizes: (B, 2) unpadded ``(h, w)``.
+
+        Returns:
+            dict ``loss_cls_s{s}``, ``loss_bbox_s{s}``, ``loss_giou_s{s}`` (scalars, weighted).
+        """
+        S = len(stage_outputs)
+        if S == 0:
+            raise ValueError("StageInteractorCriterion: stage_outputs is empty")
+        logits0 = stage_outputs[0]["logits"]
+        device = logits0.device
+        B, N, K = logits0.shape
+        if K != self.num_classes:
+            raise ValueError(f"StageInteractorCriterion: logits have K={K}, expected {self.num_classes}")
+        gt_boxes = gt_boxes.to(device)
+        gt_classes = gt_classes.to(device).long()
+        gt_mask = gt_mask.to(device).bool()
+        G = gt_boxes.shape[1]
+
+        matches = self.match_all(stage_outputs, gt_boxes, gt_classes, gt_mask, image_sizes)
+        pred_boxes = torch.stack([o["boxes"].detach() for o in stage_outputs])
+        targets = self.assigner(matches, pred_boxes, gt_boxes, gt_classes, gt_mask)
+
+        # Normalisers of all stages in one all-reduce: [n_cls, n_box] per stage.
+        pos = matches >= 0  # (S, B, N)
+        n_pos = pos.flatten(1).sum(1).to(torch.float32)
+        n_ones = targets.flatten(1).sum(1).to(torch.float32)
+        norms = torch.stack([torch.maximum(n_ones, n_pos), n_pos], dim=1)
+        norms = reduce_mean_across_processes(norms).clamp(min=1.0)
+
+        scale = image_size_scale(image_sizes, torch.float32, device)  # (B, 4)
+        idx = matches.clamp(min=0)
+        losses: Dict[str, Tensor] = {}
+        for s, out in enumerate(stage_outputs):
+            w = 1.0 if self.stage_weights is None else self.stage_weights[s]
+            logits, boxes = out["logits"], out["boxes"]
+            focal = sigmoid_focal_loss(
+                logits, targets[s].to(logits.dtype), self.focal_alpha, self.focal_gamma
+            )
+            losses[f"loss_cls_s{s}"] = w * self.loss_class_weight * focal.sum() / norms[s, 0]
+
+            p = pos[s]
+            if G > 0 and bool(p.any()):
+                b_idx, q_idx = p.nonzero(as_tuple=True)
+                src = boxes[b_idx, q_idx]
+                tgt = gt_boxes[b_idx, idx[s][b_idx, q_idx]].to(src.dtype)
+                l1 = l1_loss(src, tgt, scale[b_idx].to(src.dtype)).sum()
+                giou = giou_loss(src, tgt).sum()
+            else:
+                l1 = giou = boxes.sum() * 0.0
+            losses[f"loss_bbox_s{s}"] = w * self.loss_bbox_weight * l1 / norms[s, 1]
+            losses[f"loss_giou_s{s}"] = w * self.loss_giou_weight * giou / norms[s, 1]
+
+        self._record(matches, targets, norms, gt_classes, gt_mask)
+        return losses
+
+    @torch.no_grad()
+    def _record(
+        self, matches: Tensor, targets: Tensor, norms: Tensor, gt_classes: Tensor, gt_mask: Tensor
+    ) -> None:
+        self.last_matches = matches.detach()
+        self.last_targets = targets.detach()
+        self.last_normalizers = norms.detach()
+        counts = positive_counts(matches, targets, gt_classes)
+        instab = label_instability(matches, gt_mask)
+        # One device->host copy for all statistics.
+        packed = torch.cat(
+            [counts["hungarian"], counts["csla"], counts["extra"], counts["dropped"], instab.float()]
+        ).cpu().tolist()
+        S = matches.shape[0]
+        stats: Dict[str, float] = {}
+        for k, name in enumerate(["num_pos", "num_csla_pos", "num_extra_pos", "num_dropped_pos"]):
+            for s in range(S):
+                stats[f"{name}_s{s}"] = float(packed[k * S + s])
+        for s in range(S - 1):
+            stats[f"label_instability_s{s}_s{s + 1}"] = float(packed[4 * S + s])
+        self.last_stats = stats
