@@ -1,0 +1,221 @@
+"""Tests of the StageInteractor meta-architecture (detectron2 interface).
+
+Most tests use tiny stand-in components that follow the DESIGN.md contracts, so they check the
+meta-architecture alone (normalisation, padding, targets, rescaling, top-k, event storage).
+The last tests use the real core decoder/criterion when they are importable.
+"""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("detectron2")
+
+from detectron2.structures import Boxes, Instances  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+
+from stageinteractor.d2.meta_arch import StageInteractor, rescale_boxes, topk_detections  # noqa: E402
+
+
+class _Backbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return {"res2": self.conv(x)}
+
+
+class _Neck(nn.Module):
+    def forward(self, feats):
+        return [feats["res2"]]
+
+
+class _Decoder(nn.Module):
+    """Fixed boxes/logits plus a feature-dependent term so that gradients flow."""
+
+    def __init__(self, num_queries=5, num_classes=3, boxes=None, logits=None, num_stages=2):
+        super().__init__()
+        self.num_queries, self.num_classes, self.num_stages = num_queries, num_classes, num_stages
+        self.scale = nn.Parameter(torch.zeros(()))
+        self.fixed_boxes = boxes
+        self.fixed_logits = logits
+        self.calls = []
+
+    def forward(self, features, image_sizes):
+        self.calls.append(image_sizes.clone())
+        bsz = features[0].shape[0]
+        shift = self.scale * features[0].mean()
+        if self.fixed_logits is None:
+            logits = torch.zeros(bsz, self.num_queries, self.num_classes)
+        else:
+            logits = self.fixed_logits.clone()
+        if self.fixed_boxes is None:
+            boxes = torch.tensor([0.0, 0.0, 8.0, 8.0]).expand(bsz, self.num_queries, 4).clone()
+        else:
+            boxes = self.fixed_boxes.clone()
+        return [{"logits": logits + shift, "boxes": boxes + shift} for _ in range(self.num_stages)]
+
+
+class _Criterion(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.last_stats = {}
+        self.inputs = None
+
+    def forward(self, stage_outputs, gt_boxes, gt_classes, gt_mask, image_sizes):
+        self.inputs = (gt_boxes, gt_classes, gt_mask, image_sizes)
+        self.last_stats = {"pos_s0": float(gt_mask.sum()), "instability_s0_s1": 0.25}
+        return {f"loss_cls_s{s}": out["logits"].sum() * 0 + out["boxes"].mean() for s, out in enumerate(stage_outputs)}
+
+
+def _model(**kw):
+    dec = kw.pop("decoder", None) or _Decoder()
+    return StageInteractor(backbone=_Backbone(), neck=_Neck(), decoder=dec, criterion=_Criterion(), **kw)
+
+
+def _inputs(sizes, orig=None, gts=None):
+    out = []
+    for i, (h, w) in enumerate(sizes):
+        d = {"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8)}
+        if orig is not None:
+            d["height"], d["width"] = orig[i]
+        inst = Instances((h, w))
+        boxes = torch.zeros(0, 4) if gts is None else torch.as_tensor(gts[i], dtype=torch.float32).view(-1, 4)
+        inst.gt_boxes = Boxes(boxes)
+        inst.gt_classes = torch.arange(boxes.shape[0]) % 3
+        d["instances"] = inst
+        out.append(d)
+    return out
+
+
+def test_normalisation_and_padding():
+    model = _model(pixel_mean=[10.0, 20.0, 30.0], pixel_std=[2.0, 4.0, 5.0]).eval()
+    inputs = _inputs([(40, 70), (65, 33)])
+    with torch.no_grad():
+        model(inputs)
+    x = model.backbone.seen[-1]
+    assert tuple(x.shape) == (2, 3, 96, 96)  # padded to the batch max rounded up to 32
+    expect = (inputs[0]["image"].float() - torch.tensor([10.0, 20.0, 30.0]).view(3, 1, 1)) / torch.tensor(
+        [2.0, 4.0, 5.0]
+    ).view(3, 1, 1)
+    torch.testing.assert_close(x[0, :, :40, :70], expect)
+    assert float(x[0, :, 40:, :].abs().sum()) == 0.0 and float(x[1, :, :, 33:].abs().sum()) == 0.0
+    sizes = model.decoder.calls[-1]
+    assert sizes.tolist() == [[40.0, 70.0], [65.0, 33.0]]
+
+
+def test_inference_rescales_to_original_size_without_clipping():
+    # Image 0 entered the network at 64x96 (h, w) from an original 128x192 (x2);
+    # image 1 at 96x64 from 48x160 (y /2, x 2.5). The batch is padded to 96x96.
+    boxes = torch.tensor([[[10.0, 20.0, 30.0, 40.0]] * 2, [[-4.0, 8.0, 90.0, 100.0]] * 2])
+    logits = torch.tensor([[[5.0, -9.0], [-9.0, -9.0]], [[-9.0, -9.0], [-9.0, 3.0]]])
+    dec = _Decoder(num_queries=2, num_classes=2, boxes=boxes, logits=logits)
+    model = _model(decoder=dec, max_detections_per_image=1).eval()
+    with torch.no_grad():
+        out = model(_inputs([(64, 96), (96, 64)], orig=[(128, 192), (48, 160)]))
+    i0, i1 = out[0]["instances"], out[1]["instances"]
+    assert i0.image_size == (128, 192) and i1.image_size == (48, 160)
+    torch.testing.assert_close(i0.pred_boxes.tensor, torch.tensor([[20.0, 40.0, 60.0, 80.0]]))
+    # x * 160/64 = 2.5, y * 48/96 = 0.5; negative x and the box beyond the image are kept.
+    torch.testing.assert_close(i1.pred_boxes.tensor, torch.tensor([[-10.0, 4.0, 225.0, 50.0]]))
+    assert i0.pred_classes.tolist() == [0] and i1.pred_classes.tolist() == [1]
+    torch.testing.assert_close(i0.scores, torch.sigmoid(torch.tensor([5.0])))
+    torch.testing.assert_close(i1.scores, torch.sigmoid(torch.tensor([3.0])))
+
+
+def test_missing_height_width_keeps_network_size():
+    model = _model().eval()
+    with torch.no_grad():
+        out = model(_inputs([(32, 48)]))
+    assert out[0]["instances"].image_size == (32, 48)
+    torch.testing.assert_close(out[0]["instances"].pred_boxes.tensor[0], torch.tensor([0.0, 0.0, 8.0, 8.0]))
+
+
+def test_default_max_detections_is_num_queries():
+    model = _model(decoder=_Decoder(num_queries=7, num_classes=3)).eval()
+    assert model.max_detections_per_image == 7
+    with torch.no_grad():
+        out = model(_inputs([(32, 32)]))
+    assert len(out[0]["instances"]) == 7
+
+
+def test_topk_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 4, generator=g)
+    boxes = torch.rand(2, 6, 4, generator=g) * 50
+    k = 9
+    got_boxes, got_scores, got_classes = topk_detections(logits, boxes, k)
+    for b in range(2):
+        triples = [(torch.sigmoid(logits[b, q, c]).item(), q, c) for q in range(6) for c in range(4)]
+        triples.sort(key=lambda t: -t[0])
+        for j, (score, q, c) in enumerate(triples[:k]):
+            assert math.isclose(got_scores[b, j].item(), score, rel_tol=1e-6)
+            assert got_classes[b, j].item() == c
+            torch.testing.assert_close(got_boxes[b, j], boxes[b, q])
+    # k larger than N*K is clamped
+    assert topk_detections(logits, boxes, 1000)[1].shape == (2, 24)
+
+
+def test_rescale_boxes_hand_computed():
+    out = rescale_boxes(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), (10, 20), (30, 10))
+    torch.testing.assert_close(out, torch.tensor([[0.5, 6.0, 1.5, 12.0]]))
+
+
+def test_training_targets_losses_and_event_storage():
+    model = _model().train()
+    gts = [[[1, 2, 10, 12], [3, 3, 9, 9]], []]
+    with EventStorage(0) as storage:
+        losses = model(_inputs([(32, 48), (40, 40)], gts=gts))
+        latest = storage.latest()
+    assert set(losses) == {"loss_cls_s0", "loss_cls_s1"}
+    assert all(k.startswith("loss_") and v.dim() == 0 for k, v in losses.items())
+    assert latest["diag/pos_s0"][0] == 2.0 and latest["diag/instability_s0_s1"][0] == 0.25
+    gt_boxes, gt_classes, gt_mask, image_sizes = model.criterion.inputs
+    assert gt_boxes.shape == (2, 2, 4) and gt_mask.tolist() == [[True, True], [False, False]]
+    torch.testing.assert_close(gt_boxes[0], torch.tensor(gts[0], dtype=torch.float32))
+    assert gt_classes[0].tolist() == [0, 1]
+    assert image_sizes.tolist() == [[32.0, 48.0], [40.0, 40.0]]
+    sum(losses.values()).backward()
+    assert model.decoder.scale.grad is not None
+
+
+def test_all_empty_batch_and_no_storage():
+    model = _model().train()
+    losses = model(_inputs([(32, 32), (32, 32)], gts=[[], []]))  # no EventStorage: no error
+    assert model.criterion.inputs[0].shape == (2, 0, 4)
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_export_path_equals_forward():
+    model = _model().eval()
+    inputs = _inputs([(32, 64)], orig=[(32, 64)])
+    with torch.no_grad():
+        out = model(inputs)[0]["instances"]
+        images = model.preprocess_image(inputs)
+        boxes, scores, classes = model.forward_export(images.tensor, torch.tensor([[32.0, 64.0]]))
+    torch.testing.assert_close(out.pred_boxes.tensor, boxes[0])
+    torch.testing.assert_close(out.scores, scores[0])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(input_format="YUV"),
+        dict(pixel_mean=[1.0, 2.0]),
+        dict(pixel_std=[1.0, 0.0, 1.0]),
+        dict(max_detections_per_image=0),
+    ],
+)
+def test_bad_arguments_raise(kwargs):
+    with pytest.raises(ValueError):
+        _model(**kwargs)
+
+
+def test_bad_image_raises():
+    model = _model().eval()
+    with pytest.raises(ValueError, match="batched_inputs\\[0\\]"):
+        model([{"image": torch.zeros(1, 8, 8, dtype=torch.uint8)}])
