@@ -219,3 +219,16 @@ def test_bad_image_raises():
     model = _model().eval()
     with pytest.raises(ValueError, match="batched_inputs\\[0\\]"):
         model([{"image": torch.zeros(1, 8, 8, dtype=torch.uint8)}])
+
+
+def test_tiny_backbone_shapes():
+    from stageinteractor.d2.backbone.tiny import TinyBackbone
+
+    net = TinyBackbone(widths=(8, 16, 24, 32), depth=2, gn_groups=4)
+    out = net(torch.zeros(2, 3, 64, 96))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "res2": (2, 8, 16, 24), "res3": (2, 16, 8, 12), "res4": (2, 24, 4, 6), "res5": (2, 32, 2, 3)
+    }
+    assert {k: (s.channels, s.stride) for k, s in net.output_shape().items()} == {
+        "res2": (8, 4), "res3": (16, 8), "res4": (24, 16), "res5": (32, 32)
+    }
