@@ -101,7 +101,10 @@ class StageInteractorCriterion(nn.Module):
         """Hungarian matches of every stage on its own detached outputs -> (S, B, N) long."""
         return torch.stack(
             [
-                self.matcher(o["logits"], o["boxes"], gt_boxes, gt_classes, gt_mask, image_sizes)
+                self.matcher(
+                    o["logits"].detach(), o["boxes"].detach(), gt_boxes, gt_classes, gt_mask,
+                    image_sizes,
+                )
                 for o in stage_outputs
             ]
         )
