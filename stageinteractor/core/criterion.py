@@ -156,9 +156,11 @@ class StageInteractorCriterion(nn.Module):
         losses: Dict[str, Tensor] = {}
         for s, out in enumerate(stage_outputs):
             w = 1.0 if self.stage_weights is None else self.stage_weights[s]
-            logits, boxes = out["logits"], out["boxes"]
+            # Losses in (at least) float32, also under autocast.
+            dtype = torch.promote_types(out["logits"].dtype, torch.float32)
+            logits, boxes = out["logits"].to(dtype), out["boxes"].to(dtype)
             focal = sigmoid_focal_loss(
-                logits, targets[s].to(logits.dtype), self.focal_alpha, self.focal_gamma
+                logits, targets[s].to(dtype), self.focal_alpha, self.focal_gamma
             )
             losses[f"loss_cls_s{s}"] = w * self.loss_class_weight * focal.sum() / norms[s, 0]
 
