@@ -1,0 +1,242 @@
+"""The authors' (mmdet) state-dict layout of the StageInteractor decoder, and its mapping to ours.
+
+"Decoder" here = the official ``rpn_head`` (initial-query generator) + ``roi_head`` (the 6
+``StageInteractorHead`` stages), i.e. everything our :class:`StageInteractorDecoder` holds.
+Layout source: ``shared/spec/official_checkpoint_layout.md`` §6-§7.
+
+* :func:`official_decoder_layout` lists the official keys and shapes (state-dict order) for a
+  given number of queries / classes / stages.
+* :func:`decoder_key_maps` gives, per official key, our key (relative to the decoder module)
+  and the tensor transforms in both directions, or marks the key as dropped (with the reason
+  and the value to write back on export).
+
+Pure PyTorch: the detectron2 layer (``stageinteractor.d2.official_checkpoint``) adds the
+backbone and neck and the file handling.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DecoderHParams",
+    "KeyMap",
+    "official_decoder_layout",
+    "decoder_key_maps",
+    "identity",
+]
+
+Shape = Tuple[int, ...]
+
+
+def identity(t: Tensor) -> Tensor:
+    return t
+
+
+@dataclass(frozen=True)
+class DecoderHParams:
+    """Hyper-parameters that determine the official decoder's key shapes (released values)."""
+
+    num_queries: int = 100
+    num_classes: int = 80
+    num_stages: int = 6
+    dim: int = 256
+    ffn_dim: int = 2048
+    num_heads: int = 8
+    groups: int = 4  # G: channel groups of the sampler / mixer
+    first_points: int = 8  # K_0 spatial point-groups at stage 0
+    points: int = 4  # K_s for s >= 1
+    subpoints: int = 8  # sub-points per spatial group
+    out_points: int = 128  # P_out of the spatial mixing
+    reuse_start: int = 2  # first stage that reuses filters
+
+    @property
+    def group_dim(self) -> int:
+        return self.dim // self.groups
+
+    def k(self, s: int) -> int:
+        return self.first_points if s == 0 else self.points
+
+    def p_in(self, s: int) -> int:
+        return self.k(s) * self.subpoints
+
+    def p_cur(self, s: int) -> int:
+        """Rows of the spatial filter that stage s generates itself."""
+        return self.out_points if s < self.reuse_start else self.out_points // 2
+
+    def num_reused(self, s: int) -> int:
+        """M = number of reused channel filters at stage s."""
+        return max(0, s - self.reuse_start + 1)
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """How one official key maps to our state dict.
+
+    Attributes:
+        official: the official key.
+        shape: its shape in the official layout.
+        ours: our key (``None`` when the key is dropped).
+        to_ours / to_official: tensor transforms (re-ordering / re-shaping) between the layouts.
+        reason: why a key is dropped (``ours is None``).
+        fill: for a dropped key, builds the value written back on export.
+        must_be_zero: a dropped key whose value must be all zeros (dead layers); a warning names
+            it otherwise.
+    """
+
+    official: str
+    shape: Shape
+    ours: Optional[str]
+    to_ours: Callable[[Tensor], Tensor] = identity
+    to_official: Callable[[Tensor], Tensor] = identity
+    reason: str = ""
+    fill: Optional[Callable[[], Tensor]] = None
+    must_be_zero: bool = False
+
+
+def _stage_layout(hp: DecoderHParams, s: int) -> "OrderedDict[str, Shape]":
+    D, F, G, Dc = hp.dim, hp.ffn_dim, hp.groups, hp.group_dim
+    C = hp.num_classes
+    P_in, P_cur, M = hp.p_in(s), hp.p_cur(s), hp.num_reused(s)
+    gen_rows = G * (Dc * Dc + P_in * P_cur)
+    wv_in = G * hp.out_points * Dc
+    lay: "OrderedDict[str, Shape]" = OrderedDict()
+    lay["iof_tau"] = (hp.num_heads,)
+    lay["fc_cls.weight"] = (C, D)
+    lay["fc_cls.bias"] = (C,)
+    lay["fc_reg.weight"] = (4, D)
+    lay["fc_reg.bias"] = (4,)
+    lay["ffn.layers.0.0.weight"] = (F, D)
+    lay["ffn.layers.0.0.bias"] = (F,)
+    lay["ffn.layers.1.weight"] = (D, F)
+    lay["ffn.layers.1.bias"] = (D,)
+    lay["ffn_norm.weight"] = (D,)
+    lay["ffn_norm.bias"] = (D,)
+    for br in ("cls_fcs", "reg_fcs"):
+        lay[f"{br}.0.weight"] = (D, D)
+        lay[f"{br}.0.bias"] = (D,)
+        lay[f"{br}.1.weight"] = (D,)
+        lay[f"{br}.1.bias"] = (D,)
+    dc = "dynamic_conv."
+    lay[dc + "mix_bias.weight"] = (G * (Dc + hp.out_points), D)
+    lay[dc + "mix_bias.bias"] = (G * (Dc + hp.out_points),)
+    lay[dc + "parameter_generator.weight"] = (gen_rows, D)
+    lay[dc + "parameter_generator.bias"] = (gen_rows,)
+    lay[dc + "Wv.weight"] = (D, wv_in)
+    lay[dc + "Wv.bias"] = (D,)
+    lay[dc + "Wv_layer_norm.weight"] = (D,)
+    lay[dc + "Wv_layer_norm.bias"] = (D,)
+    if M > 0:
+        intra = hp.subpoints * Dc
+        inter = hp.k(s) * Dc
+        for m in range(M):
+            lay[dc + f"subbox_local_list.{m}.weight"] = (intra, intra)
+            lay[dc + f"subbox_local_list.{m}.bias"] = (intra,)
+        for m in range(M):
+            lay[dc + f"axis_atten_list.{m}.weight"] = (inter, inter)
+            lay[dc + f"axis_atten_list.{m}.bias"] = (inter,)
+        for m in range(M):
+            lay[dc + f"subbox_score_list.{m}.weight"] = (G * hp.k(s) * hp.subpoints, D)
+            lay[dc + f"subbox_score_list.{m}.bias"] = (G * hp.k(s) * hp.subpoints,)
+        lay[dc + "M_score_list.weight"] = (G * Dc * 2 * M, D)
+        lay[dc + "M_score_list.bias"] = (G * Dc * 2 * M,)
+        lay[dc + "M_score_list_mix_bias.weight"] = (G * Dc * M, D)
+        lay[dc + "M_score_list_mix_bias.bias"] = (G * Dc * M,)
+        lay[dc + "S_score_list.weight"] = (G * hp.p_cur(s), D)
+        lay[dc + "S_score_list.bias"] = (G * hp.p_cur(s),)
+        lay[dc + "S_score_list2.weight"] = (G * P_in, D)
+        lay[dc + "S_score_list2.bias"] = (G * P_in,)
+    lay["attention.attn.in_proj_weight"] = (3 * D, D)
+    lay["attention.attn.in_proj_bias"] = (3 * D,)
+    lay["attention.attn.out_proj.weight"] = (D, D)
+    lay["attention.attn.out_proj.bias"] = (D,)
+    lay["attention_norm.weight"] = (D,)
+    lay["attention_norm.bias"] = (D,)
+    lay["feat_extractor.gen_one_d.0.weight"] = (3 * G * hp.k(s), D)
+    lay["feat_extractor.gen_one_d.0.bias"] = (3 * G * hp.k(s),)
+    lay["feat_extractor.gen_double_d.0.weight"] = (3 * hp.subpoints, D)
+    lay["feat_extractor.gen_double_d.0.bias"] = (3 * hp.subpoints,)
+    lay["iou_snyc_statistics.running_mean"] = (1,)
+    lay["iou_snyc_statistics.running_var"] = (1,)
+    lay["iou_snyc_statistics.num_batches_tracked"] = ()
+    return lay
+
+
+def official_decoder_layout(hp: DecoderHParams = DecoderHParams()) -> "OrderedDict[str, Shape]":
+    """Official ``rpn_head.*`` and ``roi_head.*`` keys -> shapes, in state-dict order."""
+    out: "OrderedDict[str, Shape]" = OrderedDict()
+    out["rpn_head.init_proposal_bboxes"] = (hp.num_queries, 4)
+    out["rpn_head.init_content_features.weight"] = (hp.num_queries, hp.dim)
+    for s in range(hp.num_stages):
+        for k, shape in _stage_layout(hp, s).items():
+            out[f"roi_head.bbox_head.{s}.{k}"] = shape
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Mapping to our decoder. Keys of ``ours`` are relative to the StageInteractorDecoder module.
+# --------------------------------------------------------------------------------------------
+
+def _const_fill(shape: Shape, value: float, dtype=torch.float32) -> Callable[[], Tensor]:
+    return lambda: torch.full(shape, value, dtype=dtype)
+
+
+def decoder_key_maps(hp: DecoderHParams = DecoderHParams()) -> List[KeyMap]:
+    """One :class:`KeyMap` per official decoder key (state-dict order)."""
+    maps: List[KeyMap] = []
+    for key, shape in official_decoder_layout(hp).items():
+        maps.append(_map_one(key, shape, hp))
+    return maps
+
+
+def _map_one(key: str, shape: Shape, hp: DecoderHParams) -> KeyMap:
+    if key == "rpn_head.init_proposal_bboxes":
+        return KeyMap(
+            key, shape, None,
+            reason="constant full-image boxes (0.5, 0.5, 1, 1); regenerated by our query generator",
+            fill=lambda: torch.tensor([0.5, 0.5, 1.0, 1.0]).expand(*shape).clone(),
+        )
+    if key == "rpn_head.init_content_features.weight":
+        return KeyMap(key, shape, OURS_CONTENT_KEY)
+    prefix, s, rest = _split_stage(key)
+    if rest.startswith("iou_snyc_statistics."):
+        leaf = rest.rsplit(".", 1)[1]
+        fill = {
+            "running_mean": _const_fill(shape, 0.5),
+            "running_var": _const_fill(shape, 0.0),
+            "num_batches_tracked": _const_fill(shape, 0, torch.int64),
+        }[leaf]
+        return KeyMap(key, shape, None, reason="unused SyncBN statistics buffer (never read)", fill=fill)
+    if ".subbox_score_list." in rest:
+        return KeyMap(
+            key, shape, None,
+            reason="dead layer (softmax over an axis of size 1: identically 1, zero gradient)",
+            fill=_const_fill(shape, 0.0), must_be_zero=True,
+        )
+    ours = _stage_rename(s, rest)
+    return KeyMap(key, shape, ours)
+
+
+def _split_stage(key: str) -> Tuple[str, int, str]:
+    head = "roi_head.bbox_head."
+    if not key.startswith(head):
+        raise KeyError(f"not an official decoder key: {key!r}")
+    s_str, rest = key[len(head):].split(".", 1)
+    return head, int(s_str), rest
+
+
+# Our names (filled in against StageInteractorDecoder's state dict).
+OURS_CONTENT_KEY = "query_generator.content.weight"
+_STAGE_RENAMES: Dict[str, str] = {}
+
+
+def _stage_rename(s: int, rest: str) -> str:
+    for old, new in _STAGE_RENAMES.items():
+        if rest.startswith(old):
+            rest = new + rest[len(old):]
+            break
+    return f"stages.{s}.{rest}"
