@@ -14,6 +14,7 @@ Per stage s (spec §4.3), with N_pos the stage's own Hungarian positives and T i
 (``torch.distributed`` all-reduce when initialised) and clamped to ``>= 1`` (deviation from the
 official code, which can divide by zero).
 """
+
 from typing import Dict, List, Optional
 
 import torch
@@ -102,7 +103,11 @@ class StageInteractorCriterion(nn.Module):
         return torch.stack(
             [
                 self.matcher(
-                    o["logits"].detach(), o["boxes"].detach(), gt_boxes, gt_classes, gt_mask,
+                    o["logits"].detach(),
+                    o["boxes"].detach(),
+                    gt_boxes,
+                    gt_classes,
+                    gt_mask,
                     image_sizes,
                 )
                 for o in stage_outputs
@@ -134,7 +139,9 @@ class StageInteractorCriterion(nn.Module):
         device = logits0.device
         B, N, K = logits0.shape
         if K != self.num_classes:
-            raise ValueError(f"StageInteractorCriterion: logits have K={K}, expected {self.num_classes}")
+            raise ValueError(
+                f"StageInteractorCriterion: logits have K={K}, expected {self.num_classes}"
+            )
         gt_boxes = gt_boxes.to(device)
         gt_classes = gt_classes.to(device).long()
         gt_mask = gt_mask.to(device).bool()
@@ -189,9 +196,19 @@ class StageInteractorCriterion(nn.Module):
         counts = positive_counts(matches, targets, gt_classes)
         instab = label_instability(matches, gt_mask)
         # One device->host copy for all statistics.
-        packed = torch.cat(
-            [counts["hungarian"], counts["csla"], counts["extra"], counts["dropped"], instab.float()]
-        ).cpu().tolist()
+        packed = (
+            torch.cat(
+                [
+                    counts["hungarian"],
+                    counts["csla"],
+                    counts["extra"],
+                    counts["dropped"],
+                    instab.float(),
+                ]
+            )
+            .cpu()
+            .tolist()
+        )
         S = matches.shape[0]
         stats: Dict[str, float] = {}
         for k, name in enumerate(["num_pos", "num_csla_pos", "num_extra_pos", "num_dropped_pos"]):

@@ -15,6 +15,7 @@ The inputs are plain tensors so that the detrex adapters can reuse the class unc
 is vectorised over stages, candidate stages, images and queries (one ``(S, S, B, N)`` IoU tensor
 and one ``scatter_reduce``).
 """
+
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -36,7 +37,9 @@ TABLE13_SCOPES: Dict[str, Tuple[Optional[int], Optional[int]]] = {
 
 def _check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"CrossStageLabelAssigner: {name} must be one of (True, False), got {value!r}")
+        raise ValueError(
+            f"CrossStageLabelAssigner: {name} must be one of (True, False), got {value!r}"
+        )
     return value
 
 

@@ -1,4 +1,5 @@
 """Training diagnostics: label instability across stages and positive counts (pure torch)."""
+
 from typing import Dict
 
 import torch

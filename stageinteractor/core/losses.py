@@ -1,6 +1,7 @@
 """Elementwise losses of StageInteractor (spec §4.3). Reduction and normalisation are left to
 the caller (see :class:`~stageinteractor.core.criterion.StageInteractorCriterion`).
 """
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -33,12 +34,16 @@ def sigmoid_focal_loss(
     prob = logits.sigmoid()
     pos_mask = targets > 0
     neg_mask = targets == 0
-    neg = (1 - alpha) * prob.pow(gamma) * F.binary_cross_entropy_with_logits(
-        logits, torch.zeros_like(logits), reduction="none"
+    neg = (
+        (1 - alpha)
+        * prob.pow(gamma)
+        * F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
     )
     soft = targets.clamp(min=0)
-    pos = alpha * (soft - prob).abs().pow(gamma) * F.binary_cross_entropy_with_logits(
-        logits, soft, reduction="none"
+    pos = (
+        alpha
+        * (soft - prob).abs().pow(gamma)
+        * F.binary_cross_entropy_with_logits(logits, soft, reduction="none")
     )
     return torch.where(pos_mask, pos, torch.where(neg_mask, neg, torch.zeros_like(neg)))
 

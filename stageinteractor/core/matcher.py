@@ -12,6 +12,7 @@ The costs of all images are computed in one batched pass as a ``(B, N, G)`` tens
 CPU once, and ``scipy.optimize.linear_sum_assignment`` is solved per image on the columns of its
 real objects.
 """
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment

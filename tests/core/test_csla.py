@@ -1,4 +1,5 @@
 """CrossStageLabelAssigner on hand-made cases and against a brute-force loop over the spec."""
+
 import pytest
 import torch
 
@@ -38,7 +39,9 @@ def test_own_match_below_threshold_loses_label():
     t = _run(csla, [[[0]]], [[[BELOW]]], [[GT]], [[1]])
     assert t.sum() == 0
     # without the "Score" component the own positive keeps its label
-    t = _run(CrossStageLabelAssigner(num_classes=2, use_score=False), [[[0]]], [[[BELOW]]], [[GT]], [[1]])
+    t = _run(
+        CrossStageLabelAssigner(num_classes=2, use_score=False), [[[0]]], [[[BELOW]]], [[GT]], [[1]]
+    )
     assert t[0, 0, 0].tolist() == [0, 1]
 
 
@@ -113,7 +116,10 @@ def test_stages_switch_gives_one_hot_elsewhere():
     assert t[1, 0, :, 1].tolist() == [0, 1]  # one-hot, own q1 kept although IoU 0.45
     # negative indices count from the end
     assert CrossStageLabelAssigner(num_classes=1, stages=(-1,)).csla_stages(3).tolist() == [
-        False, False, True]
+        False,
+        False,
+        True,
+    ]
 
 
 def test_disabled_gives_one_hot_of_own_matches():
@@ -129,11 +135,18 @@ def test_disabled_gives_one_hot_of_own_matches():
 
 def test_no_objects_and_padding():
     csla = CrossStageLabelAssigner(num_classes=2)
-    t = csla(torch.full((2, 3, 4), -1), torch.zeros(2, 3, 4, 4), torch.zeros(3, 0, 4),
-             torch.zeros(3, 0, dtype=torch.long), torch.zeros(3, 0, dtype=torch.bool))
+    t = csla(
+        torch.full((2, 3, 4), -1),
+        torch.zeros(2, 3, 4, 4),
+        torch.zeros(3, 0, 4),
+        torch.zeros(3, 0, dtype=torch.long),
+        torch.zeros(3, 0, dtype=torch.bool),
+    )
     assert t.shape == (2, 3, 4, 2) and t.sum() == 0
     # image 1 has no objects (its slot is padding); a stray match to padding is ignored
-    t = _run(csla, [[[0], [0]]], [[[GT], [GT]]], [[GT], [GT]], [[1], [1]], gt_mask=[[True], [False]])
+    t = _run(
+        csla, [[[0], [0]]], [[[GT], [GT]]], [[GT], [GT]], [[1], [1]], gt_mask=[[True], [False]]
+    )
     assert t[0, :, 0, 1].tolist() == [1, 0]
 
 
@@ -151,8 +164,9 @@ def _reference(matches, boxes, gt_boxes, gt_classes, gt_mask, K, scope, thr):
     lo, hi = scope
     out = torch.zeros(S, B, N, K)
     for i in range(S):
-        js = [j for j in range(S)
-              if (lo is None or j >= i + lo) and (hi is None or j <= i + hi)] + [i]
+        js = [
+            j for j in range(S) if (lo is None or j >= i + lo) and (hi is None or j <= i + hi)
+        ] + [i]
         for j in set(js):
             for b in range(B):
                 for q in range(N):
@@ -193,8 +207,13 @@ def test_matches_brute_force_reference(scope):
 def test_no_grad():
     boxes = torch.tensor([[[GT]]], requires_grad=True)
     csla = CrossStageLabelAssigner(num_classes=1)
-    t = csla(torch.zeros(1, 1, 1, dtype=torch.long), boxes, torch.tensor([[GT]]),
-             torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool))
+    t = csla(
+        torch.zeros(1, 1, 1, dtype=torch.long),
+        boxes,
+        torch.tensor([[GT]]),
+        torch.zeros(1, 1, dtype=torch.long),
+        torch.ones(1, 1, dtype=torch.bool),
+    )
     assert not t.requires_grad and t.item() == 1.0
 
 

@@ -1,4 +1,5 @@
 """Label instability and positive counts on hand-made per-stage matches."""
+
 import torch
 
 from stageinteractor.core.diagnostics import gt_to_query, label_instability, positive_counts
@@ -34,7 +35,12 @@ def test_label_instability_unmatched_counts_as_changed():
 
 
 def test_label_instability_edge_shapes():
-    assert label_instability(torch.zeros(1, 2, 3, dtype=torch.long), torch.ones(2, 1, dtype=torch.bool)).numel() == 0
+    assert (
+        label_instability(
+            torch.zeros(1, 2, 3, dtype=torch.long), torch.ones(2, 1, dtype=torch.bool)
+        ).numel()
+        == 0
+    )
     out = label_instability(torch.full((3, 2, 3), -1), torch.zeros(2, 0, dtype=torch.bool))
     assert out.tolist() == [0.0, 0.0]
 

@@ -1,4 +1,5 @@
 """Elementwise focal / L1 / GIoU losses against hand-computed numbers."""
+
 import math
 
 import pytest
@@ -36,8 +37,10 @@ def test_focal_equals_standard_for_binary_targets():
     x = torch.randn(4, 7, 5, generator=gen) * 3
     t = (torch.rand(4, 7, 5, generator=gen) > 0.7).float()
     torch.testing.assert_close(
-        sigmoid_focal_loss(x, t), tv_focal(x, t, alpha=0.25, gamma=2.0, reduction="none"),
-        rtol=1e-5, atol=1e-7,
+        sigmoid_focal_loss(x, t),
+        tv_focal(x, t, alpha=0.25, gamma=2.0, reduction="none"),
+        rtol=1e-5,
+        atol=1e-7,
     )
 
 

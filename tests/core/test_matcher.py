@@ -1,4 +1,5 @@
 """HungarianMatcher: cost values by hand, optimality against brute force, edge cases."""
+
 import itertools
 import math
 
@@ -100,8 +101,14 @@ def test_batched_equals_per_image():
     m = HungarianMatcher()
     full = m(logits, boxes, gt_boxes, gt_classes, gt_mask, sizes)
     for b in range(B):
-        one = m(logits[b : b + 1], boxes[b : b + 1], gt_boxes[b : b + 1], gt_classes[b : b + 1],
-                gt_mask[b : b + 1], sizes[b : b + 1])
+        one = m(
+            logits[b : b + 1],
+            boxes[b : b + 1],
+            gt_boxes[b : b + 1],
+            gt_classes[b : b + 1],
+            gt_mask[b : b + 1],
+            sizes[b : b + 1],
+        )
         assert torch.equal(one[0], full[b])
     # non-contiguous mask: image 2 only uses gts 1 and 3
     assert set(full[2][full[2] >= 0].tolist()) == {1, 3}
@@ -113,8 +120,14 @@ def test_no_objects_and_empty_gt():
     boxes = _rand_boxes((B, N))
     m = HungarianMatcher()
     sizes = torch.tensor([[100, 100], [100, 100]])
-    out = m(logits, boxes, torch.zeros(B, 0, 4), torch.zeros(B, 0, dtype=torch.long),
-            torch.zeros(B, 0, dtype=torch.bool), sizes)
+    out = m(
+        logits,
+        boxes,
+        torch.zeros(B, 0, 4),
+        torch.zeros(B, 0, dtype=torch.long),
+        torch.zeros(B, 0, dtype=torch.bool),
+        sizes,
+    )
     assert out.shape == (B, N) and bool((out == -1).all())
     gt = _rand_boxes((B, 2))
     mask = torch.tensor([[True, True], [False, False]])
@@ -128,8 +141,14 @@ def test_more_objects_than_queries():
     logits = torch.zeros(1, 2, 1)
     gt = torch.tensor([[[0.0, 0, 10, 10], [50, 50, 60, 60], [80, 0, 90, 10]]])
     boxes = torch.tensor([[[50.0, 50, 60, 60], [0, 0, 10, 10]]])
-    out = HungarianMatcher()(logits, boxes, gt, torch.zeros(1, 3, dtype=torch.long),
-                             torch.ones(1, 3, dtype=torch.bool), torch.tensor([[100, 100]]))
+    out = HungarianMatcher()(
+        logits,
+        boxes,
+        gt,
+        torch.zeros(1, 3, dtype=torch.long),
+        torch.ones(1, 3, dtype=torch.bool),
+        torch.tensor([[100, 100]]),
+    )
     assert out.tolist() == [[1, 0]]
 
 
