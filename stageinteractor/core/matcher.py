@@ -151,6 +151,10 @@ class HungarianMatcher(nn.Module):
         if G == 0 or N == 0 or not bool(gt_mask.any()):
             return matches.to(logits.device)
 
+        K = logits.shape[-1]
+        real_cls = gt_classes[gt_mask.to(torch.bool)]
+        if bool(((real_cls < 0) | (real_cls >= K)).any()):
+            raise ValueError(f"HungarianMatcher: a ground-truth class is outside [0, {K})")
         cost = self.cost_matrix(logits, boxes, gt_boxes, gt_classes, image_sizes)
         mask = gt_mask.to(torch.bool)[:, None, :].expand_as(cost)
         cost = cost.masked_fill(~mask, 0.0)

@@ -171,3 +171,19 @@ def test_no_grad_and_nan_error():
     bad[0, 1, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         m(logits, bad, gt, cls, torch.ones(1, 2, dtype=torch.bool), sizes)
+
+
+def test_class_out_of_range_is_an_error():
+    gt = _rand_boxes((1, 2))
+    args = (torch.randn(1, 3, 2), _rand_boxes((1, 3)), gt)
+    with pytest.raises(ValueError, match="class"):
+        HungarianMatcher()(
+            *args,
+            torch.tensor([[0, 2]]),
+            torch.ones(1, 2, dtype=torch.bool),
+            torch.tensor([[100, 100]]),
+        )
+    # padded entries may hold anything
+    HungarianMatcher()(
+        *args, torch.tensor([[0, 7]]), torch.tensor([[True, False]]), torch.tensor([[100, 100]])
+    )
