@@ -23,7 +23,7 @@ over the flattened ``N x K`` (query, class) scores with ``k = max_detections_per
 ``N``), label = index % K, box = the refined box of query index // K, boxes rescaled to the
 original image, no NMS and **no clipping**.
 
-The tensor-only part of inference (:meth:`StageInteractor.inference_tensors`) takes a normalised
+The top-k itself is ``stageinteractor.core.postprocess.topk_detections``. The tensor-only part of inference (:meth:`StageInteractor.inference_tensors`) takes a normalised
 padded batch and the unpadded sizes and returns plain tensors. :meth:`forward` in eval mode calls
 exactly that method, so an ONNX/TorchScript export traces the same code path.
 """
@@ -35,35 +35,9 @@ from torch import Tensor, nn
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage, has_event_storage
 
-__all__ = ["StageInteractor", "topk_detections", "rescale_boxes"]
+from ..core.postprocess import topk_detections
 
-
-def topk_detections(logits: Tensor, boxes: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """Top-k (query, class) pairs of a batch of last-stage predictions (official ``simple_test``).
-
-    Args:
-        logits: (B, N, K) classification logits (sigmoid classifier, no background column).
-        boxes: (B, N, 4) boxes, any coordinate frame (returned as given).
-        k: number of detections per image; clamped to ``N * K``.
-
-    Returns:
-        ``(boxes, scores, classes)`` of shapes (B, k, 4), (B, k), (B, k) long, sorted by
-        decreasing score. ``classes = idx % K`` and the box is that of query ``idx // K``, so one
-        query can appear several times with different classes.
-    """
-    if logits.dim() != 3 or boxes.dim() != 3 or boxes.shape[:2] != logits.shape[:2]:
-        raise ValueError(
-            f"topk_detections expects logits (B, N, K) and boxes (B, N, 4) with the same B, N; "
-            f"got {tuple(logits.shape)} and {tuple(boxes.shape)}"
-        )
-    num_classes = logits.shape[2]
-    scores_all = logits.sigmoid().flatten(1)  # (B, N*K), index = query * K + class
-    k = min(int(k), scores_all.shape[1])
-    scores, index = scores_all.topk(k, dim=1)
-    classes = index % num_classes
-    query = torch.div(index, num_classes, rounding_mode="floor")
-    picked = boxes.gather(1, query.unsqueeze(-1).expand(-1, -1, boxes.shape[-1]))
-    return picked, scores, classes
+__all__ = ["StageInteractor", "rescale_boxes"]
 
 
 def rescale_boxes(boxes: Tensor, input_size: Sequence[int], output_size: Sequence[int]) -> Tensor:
@@ -229,7 +203,8 @@ class StageInteractor(nn.Module):
             (B, k) long, with k = min(max_detections_per_image, N * K).
         """
         last = self.run_decoder(images, image_sizes)[-1]
-        return topk_detections(last["logits"].float(), last["boxes"].float(), self.max_detections_per_image)
+        det = topk_detections(last["logits"].float(), last["boxes"].float(), self.max_detections_per_image)
+        return det["boxes"], det["scores"], det["labels"]
 
     def forward_export(self, images: Tensor, image_sizes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Alias of :meth:`inference_tensors` (name used by export tools)."""

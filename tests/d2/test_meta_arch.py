@@ -15,7 +15,7 @@ pytest.importorskip("detectron2")
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
-from stageinteractor.d2.meta_arch import StageInteractor, rescale_boxes, topk_detections  # noqa: E402
+from stageinteractor.d2.meta_arch import StageInteractor, rescale_boxes  # noqa: E402
 
 
 class _Backbone(nn.Module):
@@ -143,21 +143,26 @@ def test_default_max_detections_is_num_queries():
     assert len(out[0]["instances"]) == 7
 
 
-def test_topk_matches_brute_force():
+def test_topk_labels_and_boxes_match_brute_force():
+    """Through the model: label = idx % K, box of query idx // K, k best (query, class) pairs."""
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 6, 4, generator=g)
-    boxes = torch.rand(2, 6, 4, generator=g) * 50
-    k = 9
-    got_boxes, got_scores, got_classes = topk_detections(logits, boxes, k)
+    n, c, k = 6, 4, 9
+    logits = torch.randn(2, n, c, generator=g)
+    boxes = torch.rand(2, n, 4, generator=g) * 30
+    boxes[..., 2:] += boxes[..., :2]
+    model = _model(decoder=_Decoder(num_queries=n, num_classes=c, boxes=boxes, logits=logits),
+                   max_detections_per_image=k).eval()
+    with torch.no_grad():
+        out = model(_inputs([(32, 32), (32, 32)]))
     for b in range(2):
-        triples = [(torch.sigmoid(logits[b, q, c]).item(), q, c) for q in range(6) for c in range(4)]
-        triples.sort(key=lambda t: -t[0])
-        for j, (score, q, c) in enumerate(triples[:k]):
-            assert math.isclose(got_scores[b, j].item(), score, rel_tol=1e-6)
-            assert got_classes[b, j].item() == c
-            torch.testing.assert_close(got_boxes[b, j], boxes[b, q])
-    # k larger than N*K is clamped
-    assert topk_detections(logits, boxes, 1000)[1].shape == (2, 24)
+        triples = sorted(((torch.sigmoid(logits[b, q, j]).item(), q, j) for q in range(n) for j in range(c)),
+                         key=lambda t: -t[0])[:k]
+        inst = out[b]["instances"]
+        assert len(inst) == k
+        for j, (score, q, cls) in enumerate(triples):
+            assert math.isclose(inst.scores[j].item(), score, rel_tol=1e-6)
+            assert inst.pred_classes[j].item() == cls
+            torch.testing.assert_close(inst.pred_boxes.tensor[j], boxes[b, q])
 
 
 def test_rescale_boxes_hand_computed():
