@@ -1,0 +1,232 @@
+"""The StageInteractor decoder: initial queries + L stages + cross-stage filter bank."""
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .filter_bank import FilterBank, update_bank
+from .query_generator import InitialQueryGenerator
+from .stage import DecoderStage
+from .switches import ADAMIXER_BASELINE, check_choice, resolve_switches
+
+__all__ = ["StageInteractorDecoder"]
+
+
+def _is_tracing() -> bool:
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    try:
+        if torch.compiler.is_compiling():
+            return True
+    except AttributeError:  # pragma: no cover
+        pass
+    try:
+        return bool(torch.onnx.is_in_onnx_export())
+    except AttributeError:  # pragma: no cover
+        return False
+
+
+class StageInteractorDecoder(nn.Module):
+    """Query generator + ``num_stages`` :class:`DecoderStage` s (spec §2.3-2.6).
+
+    The module **includes** the query generator (``self.query_generator``, an
+    ``Embedding(num_queries, query_dim)``: 25,600 params for 100 queries, official key
+    ``rpn_head.init_content_features``); ``self.stages`` holds the official ``roi_head`` part.
+
+    Stage s (0-based) samples ``first_stage_points`` points per group at s = 0 and
+    ``num_points`` afterwards, reuses ``min(s - reuse_start + 1, max_reused_channel_filters)``
+    channel filters and, for ``s >= reuse_start``, ``num_reused_spatial_filters`` spatial filters.
+    Ablation switches: see :mod:`stageinteractor.core.switches`.
+    ``StageInteractorDecoder.adamixer(**kw)`` builds the AdaMixer baseline (paper Tab. 6 row 1).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int = 80,
+        num_queries: int = 100,
+        num_stages: int = 6,
+        feature_strides: Sequence[int] = (4, 8, 16, 32),
+        query_dim: int = 256,
+        num_heads: int = 8,
+        num_groups: int = 4,
+        ffn_dim: int = 2048,
+        first_stage_points: int = 64,
+        num_points: int = 32,
+        out_points: int = 128,
+        sampler: str = "grouped",
+        subpoint_offsets: str = "shared",
+        refine_mode: str = "wh",
+        pe_residual: str = "stream",
+        dynamic_bias: bool = True,
+        reuse: bool = True,
+        reuse_start: int = 2,
+        max_reused_channel_filters: Optional[int] = None,
+        num_reused_spatial_filters: Optional[int] = None,
+        filter_usage: Optional[str] = None,
+        static_mixing: Optional[str] = None,
+        check_inputs: bool = True,
+    ):
+        super().__init__()
+        for name, value in (
+            ("num_classes", num_classes),
+            ("num_queries", num_queries),
+            ("num_stages", num_stages),
+            ("num_points", num_points),
+            ("out_points", out_points),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_choice("check_inputs", check_inputs, (True, False))
+        sw = resolve_switches(
+            num_stages=num_stages,
+            sampler=sampler,
+            subpoint_offsets=subpoint_offsets,
+            refine_mode=refine_mode,
+            pe_residual=pe_residual,
+            dynamic_bias=dynamic_bias,
+            first_stage_points=first_stage_points,
+            reuse=reuse,
+            reuse_start=reuse_start,
+            max_reused_channel_filters=max_reused_channel_filters,
+            num_reused_spatial_filters=num_reused_spatial_filters,
+            filter_usage=filter_usage,
+            static_mixing=static_mixing,
+        )
+        self.switches = sw
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.query_dim = query_dim
+        self.feature_strides = tuple(int(s) for s in feature_strides)
+        self.check_inputs = check_inputs
+        self.query_generator = InitialQueryGenerator(num_queries=num_queries, query_dim=query_dim)
+        self.stage_points = [first_stage_points] + [num_points] * (num_stages - 1)
+        self.stage_reused_channel = [
+            min(max(s - sw.reuse_start + 1, 0), sw.max_reused_channel_filters) for s in range(num_stages)
+        ]
+        self.stage_reused_spatial = [
+            sw.num_reused_spatial_filters if s >= sw.reuse_start else 0 for s in range(num_stages)
+        ]
+        if sw.num_reused_spatial_filters > 0 and sw.reuse_start < num_stages:
+            # the reused stages and the stage that feeds them need the same number of points
+            fed = self.stage_points[max(sw.reuse_start - 1, 0):]
+            if len(set(fed)) != 1:
+                raise ValueError(
+                    "spatial filter reuse needs equal point counts from stage reuse_start-1 on; "
+                    f"got {fed} (reuse_start={sw.reuse_start})"
+                )
+        self.stages = nn.ModuleList(
+            DecoderStage(
+                num_classes=num_classes,
+                query_dim=query_dim,
+                num_heads=num_heads,
+                num_groups=num_groups,
+                ffn_dim=ffn_dim,
+                num_points=self.stage_points[s],
+                out_points=out_points,
+                strides=self.feature_strides,
+                sampler=sw.sampler,
+                subpoint_offsets=sw.subpoint_offsets,
+                refine_mode=sw.refine_mode,
+                pe_residual=sw.pe_residual,
+                dynamic_bias=sw.dynamic_bias,
+                num_reused_channel=self.stage_reused_channel[s],
+                num_reused_spatial=self.stage_reused_spatial[s],
+                filter_usage=sw.filter_usage,
+                static_mixing=sw.static_mixing,
+            )
+            for s in range(num_stages)
+        )
+        # which stages must leave filters in the bank for a later stage
+        self._keep_spatial = [
+            any(self.stage_reused_spatial[t] > 0 for t in range(s + 1, s + 2) if t < num_stages)
+            for s in range(num_stages)
+        ]
+        self._keep_bank = [
+            any(self.stage_reused_channel[t] > 0 for t in range(s + 1, num_stages)) or self._keep_spatial[s]
+            for s in range(num_stages)
+        ]
+
+    @classmethod
+    def adamixer(cls, **overrides) -> "StageInteractorDecoder":
+        """The AdaMixer baseline of paper Tab. 6 (row 1) as a setting of this decoder:
+        3-D sampler, 2^z refinement, no reuse (no adapters/static layers), no dynamic biases,
+        64 first-stage points. ``overrides`` replace any of these or add other arguments."""
+        kwargs = dict(ADAMIXER_BASELINE)
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    # ------------------------------------------------------------------ input checks
+    def _validate(self, features: List[Tensor], image_sizes: Tensor) -> None:
+        if not isinstance(features, (list, tuple)) or len(features) != len(self.feature_strides):
+            raise ValueError(
+                f"features must be a list of {len(self.feature_strides)} maps (strides "
+                f"{self.feature_strides}), got {type(features).__name__} of length "
+                f"{len(features) if isinstance(features, (list, tuple)) else 'n/a'}"
+            )
+        f0 = features[0]
+        if f0.dim() != 4:
+            raise ValueError(f"features[0] must have shape (B, {self.query_dim}, H, W), got {tuple(f0.shape)}")
+        B = f0.shape[0]
+        pad_h, pad_w = f0.shape[2] * self.feature_strides[0], f0.shape[3] * self.feature_strides[0]
+        for lvl, (f, s) in enumerate(zip(features, self.feature_strides)):
+            exp_h, exp_w = -(-pad_h // s), -(-pad_w // s)
+            if f.dim() != 4 or f.shape[0] != B or f.shape[1] != self.query_dim or abs(f.shape[2] - exp_h) > 1 or abs(f.shape[3] - exp_w) > 1:
+                raise ValueError(
+                    f"features[{lvl}] (stride {s}) must have shape (B={B}, C={self.query_dim}, "
+                    f"H≈{exp_h}, W≈{exp_w}), got {tuple(f.shape)}"
+                )
+            if not torch.isfinite(f).all():
+                raise ValueError(f"features[{lvl}] contains NaN or Inf")
+        if image_sizes.shape != (B, 2):
+            raise ValueError(f"image_sizes must have shape (B={B}, 2) as (h, w), got {tuple(image_sizes.shape)}")
+        if not torch.isfinite(image_sizes.float()).all():
+            raise ValueError("image_sizes contains NaN or Inf")
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self, features: List[Tensor], image_sizes: Tensor, *, return_sampling_points: bool = False
+    ) -> List[Dict[str, Tensor]]:
+        """
+        Args:
+            features: L maps (B, D, H_l, W_l) of the padded input, strides ``feature_strides``.
+            image_sizes: (B, 2) unpadded (h, w) per image. Values are clamped to
+                [1, padded size], so zero-area or out-of-image sizes give valid boxes.
+            return_sampling_points: also return each stage's sampling points (B, N, G, P, 3)
+                (x, y in pixels, z = log2 scale) under ``"sampling_points"``.
+        Returns:
+            one dict per stage: ``logits`` (B, N, K), ``xyzr`` (B, N, 4) refined, ``boxes``
+            (B, N, 4) xyxy absolute, ``input_xyzr`` (B, N, 4) (detached stage input).
+        """
+        if self.check_inputs and not _is_tracing():
+            self._validate(features, image_sizes)
+        f0 = features[0]
+        pad = f0.new_tensor([f0.shape[2] * self.feature_strides[0], f0.shape[3] * self.feature_strides[0]])
+        sizes = torch.minimum(image_sizes.to(f0.dtype if f0.is_floating_point() else torch.float32).clamp(min=1.0), pad)
+        q, xyzr, wh = self.query_generator(sizes)
+        bank = FilterBank()
+        outputs: List[Dict[str, Tensor]] = []
+        last = len(self.stages) - 1
+        for s, stage in enumerate(self.stages):
+            out = stage(q, xyzr, wh, features, bank, return_sampling_points)
+            result = {"logits": out["logits"], "xyzr": out["xyzr"], "boxes": out["boxes"], "input_xyzr": xyzr}
+            if return_sampling_points:
+                result["sampling_points"] = out["sampling_points"]
+            outputs.append(result)
+            if s < last:
+                if self._keep_bank[s]:
+                    bank = update_bank(
+                        bank,
+                        out["m_cur"],
+                        out["s_full"],
+                        stage=s,
+                        reuse_start=self.switches.reuse_start,
+                        max_channel=self.switches.max_reused_channel_filters,
+                        keep_spatial=self._keep_spatial[s],
+                    )
+                else:
+                    bank = FilterBank()
+                q = out["q"]
+                xyzr = out["xyzr"].detach()
+                wh = out["wh"].detach()
+        return outputs

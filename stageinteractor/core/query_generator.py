@@ -1,0 +1,38 @@
+"""Initial queries (spec §2.3): a learnt content embedding and full-image boxes."""
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["InitialQueryGenerator"]
+
+
+class InitialQueryGenerator(nn.Module):
+    """Content: ``Embedding(N, D)`` (init N(0, 1)) passed through a LayerNorm **without affine**
+    at every forward and shared by all images. Boxes: the full unpadded image of each image,
+    ``x = W/2, y = H/2, z = log2 sqrt(W*H), r = log2(H/W)``.
+    """
+
+    def __init__(self, *, num_queries: int = 100, query_dim: int = 256):
+        super().__init__()
+        self.num_queries = num_queries
+        self.query_dim = query_dim
+        self.content = nn.Embedding(num_queries, query_dim)
+        nn.init.normal_(self.content.weight, 0.0, 1.0)
+
+    def forward(self, image_sizes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """
+        Args:
+            image_sizes: (B, 2) float (h, w), already validated/clamped to >= 1 by the caller.
+        Returns:
+            content (B*N, D), xyzr (B, N, 4), wh (B, N, 2) (the widths/heights of those boxes).
+        """
+        B = image_sizes.shape[0]
+        N = self.num_queries
+        content = F.layer_norm(self.content.weight, (self.query_dim,)).repeat(B, 1)
+        wh = image_sizes.flip(-1)  # (B, 2) = (w, h)
+        log_wh = torch.log2(wh)
+        zr = torch.stack([log_wh.sum(-1) * 0.5, log_wh[:, 1] - log_wh[:, 0]], dim=-1)
+        xyzr = torch.cat([wh * 0.5, zr], dim=-1)  # (B, 4)
+        return content, xyzr.unsqueeze(1).expand(B, N, 4), wh.unsqueeze(1).expand(B, N, 2)
