@@ -1,0 +1,370 @@
+"""Training engine pieces used by ``tools/train_net.py``.
+
+* :class:`AtomicCheckpointer`: detectron2's ``DetectionCheckpointer`` whose checkpoint files and
+  ``last_checkpoint`` tag are written atomically (temporary file, fsync, ``os.replace``), the tag
+  only after the checkpoint file is complete. A checkpoint killed mid-write is therefore never
+  the one ``--resume`` picks, and a tag pointing at a missing file is ignored.
+* :class:`Trainer`: detectron2's ``SimpleTrainer`` plus AMP (CUDA float16 with a GradScaler, or
+  CPU bfloat16 autocast), global-L2 gradient clipping and per-iteration re-seeding: before step
+  ``i`` the torch/numpy/python RNGs are seeded from ``(seed, i, rank)``, so any randomness in the
+  model is a function of the iteration and a resumed run reproduces an uninterrupted one.
+* :func:`create_ddp_model`: DistributedDataParallel that also works for CPU (gloo) processes.
+* :func:`apply_overrides_strict`: ``LazyConfig.apply_overrides`` that refuses unknown keys
+  (``+key=value`` adds a new key on purpose).
+* :func:`check_checkpoint_file`: fail early, naming the file, on a missing/corrupt checkpoint.
+* :func:`truncate_metrics`: drop ``metrics.json`` records at or after the resume iteration.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import logging
+import os
+import random
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import SimpleTrainer
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
+
+__all__ = ["ConfigError", "CheckpointFileError", "AtomicCheckpointer", "Trainer",
+           "create_ddp_model", "apply_overrides_strict", "check_checkpoint_file",
+           "truncate_metrics", "atomic_write_bytes", "swin_optimizer_params",
+           "SWIN_NO_DECAY_KEYS"]
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A config or command-line override is invalid."""
+
+
+class CheckpointFileError(RuntimeError):
+    """A checkpoint file is missing, unreadable or corrupt."""
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic files and checkpoints
+# ----------------------------------------------------------------------------------------------
+def atomic_write_bytes(path: str, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` so that readers see either the old or the new file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class AtomicCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` with crash-safe ``save`` and ``last_checkpoint`` handling."""
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        tmp = f"{save_file}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, save_file)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        atomic_write_bytes(os.path.join(self.save_dir, "last_checkpoint"),
+                           last_filename_basename.encode())
+
+    def has_checkpoint(self) -> bool:
+        if not super().has_checkpoint():
+            return False
+        path = self.get_checkpoint_file()
+        if not path or not os.path.isfile(path):
+            self.logger.warning(f"last_checkpoint in {self.save_dir} names {path!r}, which "
+                                f"does not exist; ignoring it")
+            return False
+        return True
+
+    def _load_file(self, f: str) -> Dict[str, Any]:
+        try:
+            return super()._load_file(f)
+        except Exception as e:  # noqa: BLE001 - re-raised with the file name
+            raise CheckpointFileError(
+                f"cannot load checkpoint {f}: {type(e).__name__}: {e}") from e
+
+
+def check_checkpoint_file(path: str) -> None:
+    """Raise :class:`CheckpointFileError` naming ``path`` if it is a local file that is missing
+    or cannot be deserialised. URLs (``detectron2://``, ``https://``...) are not checked."""
+    if not path or "://" in path:
+        return
+    if not os.path.isfile(path):
+        raise CheckpointFileError(f"checkpoint file {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise CheckpointFileError(f"checkpoint file {path} is empty")
+    try:
+        if path.endswith(".pkl"):
+            import pickle
+
+            with open(path, "rb") as f:
+                pickle.load(f, encoding="latin1")
+        else:
+            torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointFileError(
+            f"checkpoint file {path} is corrupt or not a checkpoint: {type(e).__name__}: {e}"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# trainer
+# ----------------------------------------------------------------------------------------------
+def _iteration_seeds(seed: int, iteration: int, rank: int) -> np.ndarray:
+    return np.random.SeedSequence([int(seed), int(iteration), int(rank)]).generate_state(3)
+
+
+class Trainer(SimpleTrainer):
+    """``SimpleTrainer`` + AMP + gradient clipping + per-iteration seeding (see module doc).
+
+    Args:
+        model, data_loader, optimizer: as for ``SimpleTrainer``; the model returns a dict of
+            already-weighted scalar losses whose **sum** is optimised.
+        device: "cuda" or "cpu" (selects the AMP flavour).
+        amp: enable mixed precision (CUDA: float16 + GradScaler; CPU: bfloat16 autocast).
+        clip_grad: ``None`` or kwargs of ``torch.nn.utils.clip_grad_norm_`` (``max_norm``,
+            ``norm_type``), applied to all parameters (global norm).
+        seed: base seed of the per-iteration re-seeding; ``None`` disables it.
+    """
+
+    def __init__(self, model, data_loader, optimizer, *, device: str = "cpu",
+                 amp: bool = False, clip_grad: Optional[Dict[str, Any]] = None,
+                 seed: Optional[int] = None):
+        super().__init__(model, data_loader, optimizer)
+        self.device_type = "cuda" if str(device).startswith("cuda") else "cpu"
+        self.amp = bool(amp)
+        self.clip_grad = dict(clip_grad) if clip_grad else None
+        self.seed = seed
+        self.grad_scaler = None
+        if self.amp and self.device_type == "cuda":
+            self.grad_scaler = torch.amp.GradScaler("cuda")
+
+    def _reseed(self) -> None:
+        s = _iteration_seeds(self.seed, self.iter, comm.get_rank())
+        torch.manual_seed(int(s[0]))
+        np.random.seed(int(s[1]))
+        random.seed(int(s[2]))
+
+    def _autocast(self):
+        if not self.amp:
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.device_type == "cuda" else torch.bfloat16
+        return torch.autocast(device_type=self.device_type, dtype=dtype)
+
+    def run_step(self):
+        assert self.model.training, "[Trainer] model was changed to eval mode!"
+        if self.seed is not None:
+            self._reseed()
+        import time
+
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+
+        with self._autocast():
+            loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                losses, loss_dict = loss_dict, {"total_loss": loss_dict}
+            else:
+                losses = sum(loss_dict.values())
+
+        self.optimizer.zero_grad()
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(losses).backward()
+        else:
+            losses.backward()
+        self.after_backward()
+
+        if self.clip_grad is not None:
+            if self.grad_scaler is not None:
+                self.grad_scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]
+                      if p.grad is not None]
+            if params:
+                norm = torch.nn.utils.clip_grad_norm_(params, **self.clip_grad)
+                get_event_storage().put_scalar("grad_norm", float(norm), smoothing_hint=False)
+
+        self._write_metrics(loss_dict, data_time)
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["seed"] = self.seed
+        ret["rng"] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                      "python": random.getstate()}
+        if self.grad_scaler is not None:
+            ret["grad_scaler"] = self.grad_scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if state_dict.get("seed") is not None:
+            self.seed = state_dict["seed"]
+        rng = state_dict.get("rng")
+        if rng is not None and comm.get_world_size() == 1:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+        if self.grad_scaler is not None and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+
+
+def create_ddp_model(model: torch.nn.Module, *, fp16_compression: bool = False, **kwargs):
+    """Wrap in DistributedDataParallel when there are several processes (CUDA or CPU/gloo)."""
+    if comm.get_world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    if on_cuda and "device_ids" not in kwargs:
+        kwargs["device_ids"] = [comm.get_local_rank()]
+    ddp = DistributedDataParallel(model, **kwargs)
+    if fp16_compression and on_cuda:
+        from torch.distributed.algorithms.ddp_comm_hooks import default as comm_hooks
+
+        ddp.register_comm_hook(state=None, hook=comm_hooks.fp16_compress_hook)
+    return ddp
+
+
+# ----------------------------------------------------------------------------------------------
+# optimiser parameters
+# ----------------------------------------------------------------------------------------------
+# Swin-S (spec §6): mmcv ``paramwise_cfg`` custom_keys, matched by substring of the full name
+SWIN_NO_DECAY_KEYS = ("absolute_pos_embed", "relative_position_bias_table", "norm")
+
+
+def swin_optimizer_params(model: torch.nn.Module, base_lr: float, weight_decay: float,
+                          keys: Sequence[str] = SWIN_NO_DECAY_KEYS) -> List[Dict[str, Any]]:
+    """Two param groups: weight decay 0 for parameters whose *full* name contains one of
+    ``keys``, ``weight_decay`` for the rest. Frozen parameters are skipped."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if any(k in name for k in keys) else decay).append(p)
+    return [{"params": decay, "lr": base_lr, "weight_decay": weight_decay},
+            {"params": no_decay, "lr": base_lr, "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------------------------
+# config
+# ----------------------------------------------------------------------------------------------
+def _all_keys(node, prefix: str = "") -> List[str]:
+    out = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            key = f"{prefix}{k}"
+            out.append(key)
+            try:
+                child = node._get_node(k)
+                child = node[k] if isinstance(child, (DictConfig, ListConfig)) else None
+            except Exception:  # noqa: BLE001 - unresolved interpolation etc.
+                child = None
+            if child is not None:
+                out.extend(_all_keys(child, key + "."))
+    return out
+
+
+def _key_exists(cfg, key: str) -> bool:
+    node = cfg
+    for part in key.split("."):
+        if isinstance(node, DictConfig):
+            if part not in node:
+                return False
+            node = node._get_node(part)
+            node = node._value() if not isinstance(node, (DictConfig, ListConfig)) else node
+        elif isinstance(node, ListConfig):
+            if not part.isdigit() or int(part) >= len(node):
+                return False
+            node = node[int(part)]
+        else:
+            return False
+    return True
+
+
+def apply_overrides_strict(cfg, overrides: Sequence[str]):
+    """Apply ``key=value`` overrides; an unknown key raises :class:`ConfigError` naming it.
+
+    ``+key=value`` creates a new key deliberately (its parent must exist).
+    """
+    from detectron2.config import LazyConfig
+
+    plain = []
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} is not of the form key=value")
+        key = ov.split("=", 1)[0].strip()
+        if key.startswith("+"):
+            parent = key[1:].rsplit(".", 1)[0] if "." in key else ""
+            if parent and not _key_exists(cfg, parent):
+                raise ConfigError(f"unknown config key '{parent}' (parent of override "
+                                  f"'{key[1:]}')")
+            plain.append(ov[1:] if ov.startswith("+") else ov.replace("+", "", 1))
+            continue
+        if not _key_exists(cfg, key):
+            close = difflib.get_close_matches(key, _all_keys(cfg), n=3)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(f"unknown config key '{key}' in override '{ov}'{hint} "
+                              f"(prefix the override with '+' to add a new key)")
+        plain.append(ov)
+    try:
+        return LazyConfig.apply_overrides(cfg, plain)
+    except Exception as e:  # noqa: BLE001 - parser errors
+        raise ConfigError(f"cannot apply overrides {list(overrides)}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+# ----------------------------------------------------------------------------------------------
+def truncate_metrics(path: str, start_iter: int) -> int:
+    """Keep only the records of ``metrics.json`` with ``iteration < start_iter`` (and drop a
+    line cut by a crash). Returns the number of dropped lines."""
+    if not os.path.isfile(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                dropped += 1
+                continue
+            if isinstance(rec, dict) and rec.get("iteration", -1) >= start_iter:
+                dropped += 1
+                continue
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        atomic_write_bytes(path, "".join(kept).encode())
+    return dropped

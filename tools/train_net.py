@@ -1,0 +1,281 @@
+#!/usr/bin/env python3
+"""Train / evaluate a LazyConfig model on detectron2's engine (StageInteractor and detrex).
+
+    python tools/train_net.py --config-file configs/demo/stageinteractor_demo.py \
+        [--num-gpus N] [--resume] [--eval-only] [key=value ...] [+new.key=value ...]
+
+Works unchanged for detrex configs (``train.clip_grad``, ``train.model_ema``,
+``train.fast_dev_run``, ``train.device``), on CUDA and on CPU: ``--num-gpus N`` on a machine
+without CUDA starts N CPU processes that talk over gloo. Unlike detrex's script it never
+asserts CUDA: a config asking for ``cuda`` on a CPU-only machine falls back to ``cpu`` with a
+warning.
+
+Before anything trains (and before worker processes start) it checks, failing with one
+message and exit status 2: the overrides (unknown key -> names the key), ``train.init_checkpoint``
+(missing/corrupt local file -> names the file) and every dataset named in ``dataloader`` (see
+``stageinteractor.d2.data.validate``; ``train.validate_data=False`` skips the dataset scan).
+Nothing a later ``--resume`` could mistake for progress is written by a failed start.
+
+Checkpoints are atomic (``stageinteractor.d2.engine.AtomicCheckpointer``). ``--resume``
+restores model, optimizer, LR scheduler, iteration, grad scaler, EMA and the seed; with our
+``ResumableTrainLoader`` the data stream continues at the resumed iteration and the model's
+RNG is re-seeded per iteration, so a killed-and-resumed run reproduces the uninterrupted run
+(``metrics.json`` is truncated to the resume point and logs raw, unsmoothed losses).
+"""
+import logging
+import os
+import sys
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+
+def _add_detrex_root() -> None:
+    """Put detrex's repository root on sys.path so ``projects.<name>.modeling`` imports."""
+    root = os.environ.get("DETREX_ROOT")
+    if not root:
+        try:
+            import detrex
+
+            root = os.path.dirname(os.path.dirname(os.path.abspath(detrex.__file__)))
+        except ImportError:
+            return
+    if os.path.isdir(os.path.join(root, "projects")) and root not in sys.path:
+        sys.path.append(root)
+
+
+_add_detrex_root()
+
+import torch  # noqa: E402
+from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.engine import default_argument_parser, default_setup, hooks, launch  # noqa: E402
+from detectron2.evaluation import inference_on_dataset, print_csv_format  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+from detectron2.utils.events import (  # noqa: E402
+    CommonMetricPrinter,
+    JSONWriter,
+    TensorboardXWriter,
+)
+from omegaconf import DictConfig, ListConfig  # noqa: E402
+
+from stageinteractor.d2.data.validate import (  # noqa: E402
+    DatasetValidationError,
+    validate_registered_dataset,
+)
+from stageinteractor.d2.engine import (  # noqa: E402
+    AtomicCheckpointer,
+    CheckpointFileError,
+    ConfigError,
+    Trainer,
+    apply_overrides_strict,
+    check_checkpoint_file,
+    create_ddp_model,
+    truncate_metrics,
+)
+
+logger = logging.getLogger("stageinteractor.train_net")
+
+
+# ----------------------------------------------------------------------------------------------
+# config
+# ----------------------------------------------------------------------------------------------
+def _get(node, dotted: str, default=None):
+    for part in dotted.split("."):
+        if node is None or not hasattr(node, "get") or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def setup_cfg(args):
+    """Load the config, apply overrides strictly, resolve the device."""
+    if not args.config_file or not os.path.isfile(args.config_file):
+        raise ConfigError(f"config file {args.config_file!r} does not exist")
+    cfg = LazyConfig.load(args.config_file)
+    cfg = apply_overrides_strict(cfg, args.opts)
+    for key in ("model", "train"):
+        if key not in cfg:
+            raise ConfigError(f"config {args.config_file} has no top-level '{key}'")
+    want = str(_get(cfg, "train.device", "") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        logging.getLogger(__name__).warning("train.device=%s but CUDA is not available: "
+                                            "using cpu", want)
+        want = "cpu"
+    cfg.train.device = want
+    if "device" in cfg.model and str(cfg.model.device).startswith("cuda") and want == "cpu":
+        cfg.model.device = "cpu"
+    if _get(cfg, "train.fast_dev_run.enabled", False):
+        cfg.train.max_iter, cfg.train.eval_period, cfg.train.log_period = 20, 10, 1
+    return cfg
+
+
+def _dataset_names(cfg):
+    """All dataset names referenced by ``dataloader.*`` (``names`` / ``dataset_name`` keys)."""
+    found = []
+
+    def walk(node):
+        if isinstance(node, DictConfig):
+            for k in node.keys():
+                try:
+                    v = node[k]
+                except Exception:  # noqa: BLE001 - unresolvable interpolation
+                    continue
+                if k in ("names", "dataset_name", "dataset_names"):
+                    vals = [v] if isinstance(v, str) else list(v) if isinstance(
+                        v, (ListConfig, list, tuple)) else []
+                    found.extend(x for x in vals if isinstance(x, str))
+                else:
+                    walk(v)
+        elif isinstance(node, ListConfig):
+            for v in node:
+                walk(v)
+
+    walk(cfg.get("dataloader"))
+    return list(dict.fromkeys(found))
+
+
+def preflight(args, cfg) -> None:
+    """Checks that must pass before training starts (run once, before workers start)."""
+    ckpt = _get(cfg, "train.init_checkpoint", "")
+    out = _get(cfg, "train.output_dir", "")
+    resuming = args.resume and out and os.path.isfile(os.path.join(out, "last_checkpoint"))
+    if ckpt and not resuming:
+        check_checkpoint_file(ckpt)
+    if _get(cfg, "train.validate_data", True):
+        for name in _dataset_names(cfg):
+            stats = validate_registered_dataset(name)
+            print(f"[train_net] dataset '{name}' ok: {stats}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation / training
+# ----------------------------------------------------------------------------------------------
+def _ema():
+    try:
+        from detrex.modeling import ema
+    except ImportError:
+        raise ConfigError("train.model_ema.enabled=True needs detrex (detrex.modeling.ema)")
+    return ema
+
+
+def do_test(cfg, model):
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    ret = inference_on_dataset(model, instantiate(cfg.dataloader.test),
+                               instantiate(cfg.dataloader.evaluator))
+    if comm.is_main_process():
+        print_csv_format(ret)
+    if _get(cfg, "train.model_ema.enabled", False):
+        with _ema().apply_model_ema_and_restore(model):
+            ema_ret = inference_on_dataset(model, instantiate(cfg.dataloader.test),
+                                           instantiate(cfg.dataloader.evaluator))
+            if comm.is_main_process():
+                print_csv_format(ema_ret)
+            ret.update(ema_ret)
+    return ret
+
+
+def _effective_seed(cfg) -> int:
+    seed = int(_get(cfg, "train.seed", -1))
+    if seed < 0:
+        seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+        seed = comm.all_gather(seed)[0]  # rank 0's choice everywhere
+    return seed
+
+
+def do_train(args, cfg):
+    device = cfg.train.device
+    model = instantiate(cfg.model)
+    logger.info("Model:\n%s", model)
+    model.to(device)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+    model = create_ddp_model(model, **_get(cfg, "train.ddp", {}))
+
+    use_ema = bool(_get(cfg, "train.model_ema.enabled", False))
+    ema_ckpt = {}
+    if use_ema:
+        _ema().may_build_model_ema(cfg, model)
+        ema_ckpt = _ema().may_get_ema_checkpointer(cfg, model)
+
+    clip = _get(cfg, "train.clip_grad", None)
+    clip_params = dict(clip.params) if clip is not None and clip.get("enabled", False) else None
+    trainer = Trainer(model, train_loader, optimizer, device=device,
+                      amp=bool(_get(cfg, "train.amp.enabled", False)), clip_grad=clip_params,
+                      seed=_effective_seed(cfg))
+    output_dir = cfg.train.output_dir
+    checkpointer = AtomicCheckpointer(model, output_dir, trainer=trainer, **ema_ckpt)
+
+    writers = []
+    if comm.is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+        writers = [CommonMetricPrinter(cfg.train.max_iter),
+                   JSONWriter(os.path.join(output_dir, "metrics.json"), window_size=1),
+                   TensorboardXWriter(output_dir)]
+        if _get(cfg, "train.wandb.enabled", False):
+            logger.warning("train.wandb is not supported by this train_net; ignored")
+    ckpt_cfg = dict(_get(cfg, "train.checkpointer", {}) or {})
+    eval_period = int(_get(cfg, "train.eval_period", 0) or 0)
+    trainer.register_hooks([
+        hooks.IterationTimer(),
+        _ema().EMAHook(cfg, model) if use_ema else None,
+        hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+        hooks.PeriodicCheckpointer(checkpointer, **ckpt_cfg) if comm.is_main_process() else None,
+        hooks.EvalHook(eval_period, lambda: do_test(cfg, model)) if eval_period > 0 else None,
+        hooks.PeriodicWriter(writers, period=int(_get(cfg, "train.log_period", 20)))
+        if comm.is_main_process() else None,
+    ])
+
+    checkpointer.resume_or_load(_get(cfg, "train.init_checkpoint", ""), resume=args.resume)
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    if hasattr(train_loader, "set_start_iter"):
+        train_loader.set_start_iter(start_iter, seed=trainer.seed)
+    elif start_iter > 0:
+        logger.warning("the train loader (%s) cannot skip to iteration %d: the data order "
+                       "after resume differs from an uninterrupted run",
+                       type(train_loader).__name__, start_iter)
+    if comm.is_main_process():
+        n = truncate_metrics(os.path.join(output_dir, "metrics.json"), start_iter)
+        if n:
+            logger.info("dropped %d metrics.json records at/after iteration %d", n, start_iter)
+    comm.synchronize()
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def main(args):
+    cfg = setup_cfg(args)
+    default_setup(cfg, args)
+    if args.eval_only:
+        model = instantiate(cfg.model)
+        model.to(cfg.train.device)
+        model = create_ddp_model(model)
+        use_ema = bool(_get(cfg, "train.model_ema.enabled", False))
+        extra = {}
+        if use_ema:
+            _ema().may_build_model_ema(cfg, model)
+            extra = _ema().may_get_ema_checkpointer(cfg, model)
+        AtomicCheckpointer(model, **extra).load(_get(cfg, "train.init_checkpoint", ""))
+        if use_ema and _get(cfg, "train.model_ema.use_ema_weights_for_eval_only", False):
+            _ema().apply_model_ema(model)
+        return do_test(cfg, model)
+    do_train(args, cfg)
+
+
+def cli(argv=None) -> int:
+    args = default_argument_parser().parse_args(argv)
+    try:
+        cfg = setup_cfg(args)
+        preflight(args, cfg)
+    except (ConfigError, CheckpointFileError, DatasetValidationError) as e:
+        print(f"train_net: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    del cfg
+    launch(main, args.num_gpus, num_machines=args.num_machines,
+           machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
