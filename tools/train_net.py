@@ -208,14 +208,6 @@ def do_train(args, cfg):
     output_dir = cfg.train.output_dir
     checkpointer = AtomicCheckpointer(model, output_dir, trainer=trainer, **ema_ckpt)
 
-    writers = []
-    if comm.is_main_process():
-        os.makedirs(output_dir, exist_ok=True)
-        writers = [CommonMetricPrinter(cfg.train.max_iter),
-                   JSONWriter(os.path.join(output_dir, "metrics.json"), window_size=1),
-                   TensorboardXWriter(output_dir)]
-        if _get(cfg, "train.wandb.enabled", False):
-            logger.warning("train.wandb is not supported by this train_net; ignored")
     ckpt_cfg = dict(_get(cfg, "train.checkpointer", {}) or {})
     eval_period = int(_get(cfg, "train.eval_period", 0) or 0)
     trainer.register_hooks([
@@ -224,8 +216,6 @@ def do_train(args, cfg):
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **ckpt_cfg) if comm.is_main_process() else None,
         hooks.EvalHook(eval_period, lambda: do_test(cfg, model)) if eval_period > 0 else None,
-        hooks.PeriodicWriter(writers, period=int(_get(cfg, "train.log_period", 20)))
-        if comm.is_main_process() else None,
     ])
 
     checkpointer.resume_or_load(_get(cfg, "train.init_checkpoint", ""), resume=args.resume)
@@ -237,9 +227,19 @@ def do_train(args, cfg):
                        "after resume differs from an uninterrupted run",
                        type(train_loader).__name__, start_iter)
     if comm.is_main_process():
+        # drop records of iterations that will run again, then open the writers (append)
+        os.makedirs(output_dir, exist_ok=True)
         n = truncate_metrics(os.path.join(output_dir, "metrics.json"), start_iter)
         if n:
             logger.info("dropped %d metrics.json records at/after iteration %d", n, start_iter)
+        # window_size=1: metrics.json holds the raw (unsmoothed) value of each logged iteration
+        writers = [CommonMetricPrinter(cfg.train.max_iter),
+                   JSONWriter(os.path.join(output_dir, "metrics.json"), window_size=1),
+                   TensorboardXWriter(output_dir)]
+        if _get(cfg, "train.wandb.enabled", False):
+            logger.warning("train.wandb is not supported by this train_net; ignored")
+        trainer.register_hooks(
+            [hooks.PeriodicWriter(writers, period=int(_get(cfg, "train.log_period", 20)))])
     comm.synchronize()
     trainer.train(start_iter, cfg.train.max_iter)
 
@@ -263,8 +263,16 @@ def main(args):
     do_train(args, cfg)
 
 
+def parse_args(argv=None):
+    """detectron2's parser; flags may also follow the ``key=value`` overrides."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [t for t in argv if "=" in t and not t.startswith("-")]
+    flags = [t for t in argv if not ("=" in t and not t.startswith("-"))]
+    return default_argument_parser().parse_args(flags + overrides)
+
+
 def cli(argv=None) -> int:
-    args = default_argument_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         cfg = setup_cfg(args)
         preflight(args, cfg)

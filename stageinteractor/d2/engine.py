@@ -223,7 +223,10 @@ class Trainer(SimpleTrainer):
     def state_dict(self):
         ret = super().state_dict()
         ret["seed"] = self.seed
-        ret["rng"] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+        # plain python/tensor types only, so torch.load(weights_only=True) accepts it
+        np_state = np.random.get_state()
+        ret["rng"] = {"torch": torch.get_rng_state(),
+                      "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
                       "python": random.getstate()}
         if self.grad_scaler is not None:
             ret["grad_scaler"] = self.grad_scaler.state_dict()
@@ -236,7 +239,8 @@ class Trainer(SimpleTrainer):
         rng = state_dict.get("rng")
         if rng is not None and comm.get_world_size() == 1:
             torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
+            kind, keys, *rest = rng["numpy"]
+            np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
             random.setstate(rng["python"])
         if self.grad_scaler is not None and "grad_scaler" in state_dict:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
