@@ -15,6 +15,7 @@ backbone and neck and the file handling.
 """
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -28,6 +29,9 @@ __all__ = [
     "official_decoder_layout",
     "decoder_key_maps",
     "identity",
+    "decoder_official_to_ours",
+    "decoder_ours_to_official",
+    "OURS_CONTENT_KEY",
 ]
 
 Shape = Tuple[int, ...]
@@ -229,14 +233,98 @@ def _split_stage(key: str) -> Tuple[str, int, str]:
     return head, int(s_str), rest
 
 
-# Our names (filled in against StageInteractorDecoder's state dict).
+# Our names: StageInteractorDecoder holds ``query_generator`` and ``stages.{s}`` (DecoderStage).
 OURS_CONTENT_KEY = "query_generator.content.weight"
-_STAGE_RENAMES: Dict[str, str] = {}
+OURS_STAGES_PREFIX = "stages"
+
+# official (relative to ``roi_head.bbox_head.{s}.``) -> ours (relative to ``stages.{s}.``);
+# longest prefix first. Every tensor keeps its layout (same rows/columns order), see the
+# checklist of official_checkpoint_layout.md §9 and the layouts of core/dynamic_mixing.py,
+# core/sampler.py, core/attention.py.
+_STAGE_RENAMES: Dict[str, str] = {
+    "iof_tau": "attention.iof_tau",
+    "fc_cls.": "cls_logits.",
+    "fc_reg.": "reg_delta.",
+    "ffn.layers.0.0.": "ffn_fc1.",
+    "ffn.layers.1.": "ffn_fc2.",
+    "ffn_norm.": "ffn_norm.",
+    "cls_fcs.0.": "cls_fc.",
+    "cls_fcs.1.": "cls_norm.",
+    "reg_fcs.0.": "reg_fc.",
+    "reg_fcs.1.": "reg_norm.",
+    "dynamic_conv.mix_bias.": "mixing.mix_bias.",
+    "dynamic_conv.parameter_generator.": "mixing.parameter_generator.",
+    "dynamic_conv.Wv_layer_norm.": "mixing.out_norm.",
+    "dynamic_conv.Wv.": "mixing.out_proj.",
+    "dynamic_conv.M_score_list_mix_bias.": "mixing.reuse_bias.",
+    "dynamic_conv.M_score_list.": "mixing.channel_gates.",
+    "dynamic_conv.S_score_list2.": "mixing.spatial_col_gates.",
+    "dynamic_conv.S_score_list.": "mixing.spatial_row_gates.",
+    "attention.attn.in_proj_weight": "attention.in_proj_weight",
+    "attention.attn.in_proj_bias": "attention.in_proj_bias",
+    "attention.attn.out_proj.": "attention.out_proj.",
+    "attention_norm.": "attention_norm.",
+    "feat_extractor.gen_one_d.0.": "sampler.gen_one_d.",
+    "feat_extractor.gen_double_d.0.": "sampler.gen_double_d.",
+}
+_STAGE_LIST_RENAMES = [
+    (re.compile(r"^dynamic_conv\.subbox_local_list\.(\d+)\.(weight|bias)$"), r"mixing.static.\1.intra.\2"),
+    (re.compile(r"^dynamic_conv\.axis_atten_list\.(\d+)\.(weight|bias)$"), r"mixing.static.\1.inter.\2"),
+]
 
 
 def _stage_rename(s: int, rest: str) -> str:
-    for old, new in _STAGE_RENAMES.items():
+    for pat, repl in _STAGE_LIST_RENAMES:
+        if pat.match(rest):
+            return f"{OURS_STAGES_PREFIX}.{s}." + pat.sub(repl, rest)
+    for old in sorted(_STAGE_RENAMES, key=len, reverse=True):
         if rest.startswith(old):
-            rest = new + rest[len(old):]
-            break
-    return f"stages.{s}.{rest}"
+            return f"{OURS_STAGES_PREFIX}.{s}." + _STAGE_RENAMES[old] + rest[len(old):]
+    raise KeyError(f"no mapping for official decoder key suffix {rest!r} (stage {s})")
+
+
+# --------------------------------------------------------------------------------------------
+# Decoder-only conversion (the d2 layer adds backbone, neck and file handling)
+# --------------------------------------------------------------------------------------------
+
+def decoder_official_to_ours(
+    sd: Dict[str, Tensor], hp: DecoderHParams = DecoderHParams()
+) -> Tuple["OrderedDict[str, Tensor]", Dict[str, str]]:
+    """Official ``rpn_head.*``/``roi_head.*`` tensors -> our decoder state dict.
+
+    Returns ``(state dict relative to the decoder module, {dropped official key: reason})``.
+    Raises KeyError naming the first missing/unknown key and ValueError on a shape mismatch.
+    """
+    maps = decoder_key_maps(hp)
+    known = {m.official for m in maps}
+    for k in sd:
+        if k not in known:
+            raise KeyError(f"unknown official decoder key {k!r} (shape {list(sd[k].shape)})")
+    out: "OrderedDict[str, Tensor]" = OrderedDict()
+    dropped: Dict[str, str] = {}
+    for m in maps:
+        if m.official not in sd:
+            raise KeyError(f"missing official decoder key {m.official!r} (expected shape {list(m.shape)})")
+        v = sd[m.official]
+        if tuple(v.shape) != m.shape:
+            raise ValueError(f"shape mismatch for {m.official!r}: found {list(v.shape)}, expected {list(m.shape)}")
+        if m.ours is None:
+            dropped[m.official] = m.reason
+        else:
+            out[m.ours] = m.to_ours(v).contiguous()
+    return out, dropped
+
+
+def decoder_ours_to_official(
+    sd: Dict[str, Tensor], hp: DecoderHParams = DecoderHParams()
+) -> "OrderedDict[str, Tensor]":
+    """Our decoder state dict -> official layout (dead layers zero, constant buffers regenerated)."""
+    out: "OrderedDict[str, Tensor]" = OrderedDict()
+    for m in decoder_key_maps(hp):
+        if m.ours is None:
+            out[m.official] = m.fill()
+        else:
+            if m.ours not in sd:
+                raise KeyError(f"missing decoder key {m.ours!r} (maps to official {m.official!r} {list(m.shape)})")
+            out[m.official] = m.to_official(sd[m.ours]).contiguous()
+    return out

@@ -456,7 +456,7 @@ def convert_official_to_ours(
             if m.must_be_zero and bool((v != 0).any()):
                 nonzero_dead.append(m.official)
             continue
-        out[m.ours] = m.to_ours(v.detach().clone())
+        out[m.ours] = m.to_ours(v.detach()).contiguous()
         report.mapped.append((m.official, m.ours))
     if nonzero_dead:
         report.warnings.append(
@@ -488,7 +488,7 @@ def convert_ours_to_official(
         if m.ours not in sd:
             raise ConversionError(f"{source}: missing key {m.ours!r} (found: none, expected shape "
                                   f"of official {m.official!r}: {list(m.shape)})")
-        v = m.to_official(sd[m.ours].detach().clone())
+        v = m.to_official(sd[m.ours].detach()).contiguous()
         if _shape(v) != m.shape:
             raise ConversionError(f"{source}: shape mismatch for {m.ours!r}: found {list(_shape(sd[m.ours]))}, "
                                   f"expected the shape that maps to {m.official!r} {list(m.shape)}")
