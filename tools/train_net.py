@@ -52,6 +52,7 @@ from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup, hooks, launch  # noqa: E402
 from detectron2.evaluation import inference_on_dataset, print_csv_format  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.utils.events import (  # noqa: E402
     CommonMetricPrinter,
     JSONWriter,
@@ -242,11 +243,33 @@ def do_train(args, cfg):
             [hooks.PeriodicWriter(writers, period=int(_get(cfg, "train.log_period", 20)))])
     comm.synchronize()
     trainer.train(start_iter, cfg.train.max_iter)
+    _check_ranks_agree(model)
+
+
+def _check_ranks_agree(model) -> None:
+    """Log whether all processes ended with bit-identical parameters (DDP sanity check)."""
+    if comm.get_world_size() == 1:
+        return
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    digests = comm.all_gather(h.hexdigest())
+    if comm.is_main_process():
+        if len(set(digests)) == 1:
+            logger.info("parameters identical on all %d processes (sha256 %s)",
+                        len(digests), digests[0][:16])
+        else:
+            logger.warning("parameters DIFFER across processes: %s", digests)
 
 
 def main(args):
     cfg = setup_cfg(args)
     default_setup(cfg, args)
+    setup_logger(_get(cfg, "train.output_dir", None), distributed_rank=comm.get_rank(),
+                 name="stageinteractor", abbrev_name="si")
     if args.eval_only:
         model = instantiate(cfg.model)
         model.to(cfg.train.device)

@@ -338,7 +338,7 @@ def apply_overrides_strict(cfg, overrides: Sequence[str]):
             plain.append(ov[1:] if ov.startswith("+") else ov.replace("+", "", 1))
             continue
         if not _key_exists(cfg, key):
-            close = difflib.get_close_matches(key, _all_keys(cfg), n=3)
+            close = difflib.get_close_matches(key, _all_keys(cfg), n=2, cutoff=0.8)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise ConfigError(f"unknown config key '{key}' in override '{ov}'{hint} "
                               f"(prefix the override with '+' to add a new key)")
