@@ -93,26 +93,37 @@ class StageInteractorCriterion(nn.Module):
     @torch.no_grad()
     def match_all(
         self,
-        stage_outputs: List[Dict[str, Tensor]],
+        logits: Tensor,
+        boxes: Tensor,
         gt_boxes: Tensor,
         gt_classes: Tensor,
         gt_mask: Tensor,
         image_sizes: Tensor,
     ) -> Tensor:
-        """Hungarian matches of every stage on its own detached outputs -> (S, B, N) long."""
-        return torch.stack(
-            [
-                self.matcher(
-                    o["logits"].detach(),
-                    o["boxes"].detach(),
-                    gt_boxes,
-                    gt_classes,
-                    gt_mask,
-                    image_sizes,
-                )
-                for o in stage_outputs
-            ]
+        """Hungarian matches of every stage on its own detached outputs.
+
+        Each stage is matched independently, but the S stages are solved as one batch of
+        S*B images (one cost pass, one device->host copy).
+
+        Args:
+            logits: (S, B, N, K); boxes: (S, B, N, 4) xyxy absolute.
+            gt_boxes, gt_classes, gt_mask, image_sizes: as in :meth:`forward`.
+
+        Returns:
+            (S, B, N) long.
+        """
+        S, B, N, K = logits.shape
+        G = gt_boxes.shape[1]
+        sizes = torch.as_tensor(image_sizes, device=logits.device)
+        matches = self.matcher(
+            logits.detach().reshape(S * B, N, K),
+            boxes.detach().reshape(S * B, N, 4),
+            gt_boxes[None].expand(S, B, G, 4).reshape(S * B, G, 4),
+            gt_classes[None].expand(S, B, G).reshape(S * B, G),
+            gt_mask[None].expand(S, B, G).reshape(S * B, G),
+            sizes[None].expand(S, B, 2).reshape(S * B, 2),
         )
+        return matches.to(logits.device).reshape(S, B, N)
 
     def forward(
         self,
@@ -135,53 +146,59 @@ class StageInteractorCriterion(nn.Module):
         S = len(stage_outputs)
         if S == 0:
             raise ValueError("StageInteractorCriterion: stage_outputs is empty")
-        logits0 = stage_outputs[0]["logits"]
-        device = logits0.device
-        B, N, K = logits0.shape
+        # All stages at once, in (at least) float32 (also under autocast).
+        dtype = torch.promote_types(stage_outputs[0]["logits"].dtype, torch.float32)
+        logits = torch.stack([o["logits"] for o in stage_outputs]).to(dtype)  # (S, B, N, K)
+        boxes = torch.stack([o["boxes"] for o in stage_outputs]).to(dtype)  # (S, B, N, 4)
+        _, B, N, K = logits.shape
+        device = logits.device
         if K != self.num_classes:
             raise ValueError(
                 f"StageInteractorCriterion: logits have K={K}, expected {self.num_classes}"
             )
-        gt_boxes = gt_boxes.to(device)
+        gt_boxes = gt_boxes.to(device=device, dtype=dtype)
         gt_classes = gt_classes.to(device).long()
         gt_mask = gt_mask.to(device).bool()
         G = gt_boxes.shape[1]
 
-        matches = self.match_all(stage_outputs, gt_boxes, gt_classes, gt_mask, image_sizes)
-        pred_boxes = torch.stack([o["boxes"].detach() for o in stage_outputs])
-        targets = self.assigner(matches, pred_boxes, gt_boxes, gt_classes, gt_mask)
+        matches = self.match_all(logits, boxes, gt_boxes, gt_classes, gt_mask, image_sizes)
+        targets = self.assigner(matches, boxes.detach(), gt_boxes, gt_classes, gt_mask)
 
         # Normalisers of all stages in one all-reduce: [n_cls, n_box] per stage.
         pos = matches >= 0  # (S, B, N)
         n_pos = pos.flatten(1).sum(1).to(torch.float32)
         n_ones = targets.flatten(1).sum(1).to(torch.float32)
         norms = torch.stack([torch.maximum(n_ones, n_pos), n_pos], dim=1)
-        norms = reduce_mean_across_processes(norms).clamp(min=1.0)
+        norms = reduce_mean_across_processes(norms).clamp(min=1.0).to(dtype)
 
-        scale = image_size_scale(image_sizes, torch.float32, device)  # (B, 4)
-        idx = matches.clamp(min=0)
+        cls_sum = sigmoid_focal_loss(logits, targets.to(dtype), self.focal_alpha, self.focal_gamma)
+        cls_sum = cls_sum.flatten(1).sum(1)  # (S,)
+
+        # Box losses of the own Hungarian positives. Non-positive entries are excluded with
+        # torch.where, so with no positive at all the sums are 0 and still attached to the graph.
+        if G > 0:
+            idx = matches.clamp(min=0)[..., None].expand(S, B, N, 4)
+            tgt = gt_boxes[None].expand(S, B, G, 4).gather(2, idx)  # (S, B, N, 4)
+        else:
+            tgt = boxes.detach()
+        scale = image_size_scale(image_sizes, dtype, device)[None, :, None, :]  # (1, B, 1, 4)
+        zero = boxes.new_zeros(())
+        l1_sum = torch.where(pos, l1_loss(boxes, tgt, scale), zero).flatten(1).sum(1)
+        giou_sum = torch.where(pos, giou_loss(boxes, tgt), zero).flatten(1).sum(1)
+
+        w = (
+            boxes.new_ones(S)
+            if self.stage_weights is None
+            else boxes.new_tensor(self.stage_weights)
+        )
+        loss_cls = w * self.loss_class_weight * cls_sum / norms[:, 0]
+        loss_bbox = w * self.loss_bbox_weight * l1_sum / norms[:, 1]
+        loss_giou = w * self.loss_giou_weight * giou_sum / norms[:, 1]
         losses: Dict[str, Tensor] = {}
-        for s, out in enumerate(stage_outputs):
-            w = 1.0 if self.stage_weights is None else self.stage_weights[s]
-            # Losses in (at least) float32, also under autocast.
-            dtype = torch.promote_types(out["logits"].dtype, torch.float32)
-            logits, boxes = out["logits"].to(dtype), out["boxes"].to(dtype)
-            focal = sigmoid_focal_loss(
-                logits, targets[s].to(dtype), self.focal_alpha, self.focal_gamma
-            )
-            losses[f"loss_cls_s{s}"] = w * self.loss_class_weight * focal.sum() / norms[s, 0]
-
-            p = pos[s]
-            if G > 0 and bool(p.any()):
-                b_idx, q_idx = p.nonzero(as_tuple=True)
-                src = boxes[b_idx, q_idx]
-                tgt = gt_boxes[b_idx, idx[s][b_idx, q_idx]].to(src.dtype)
-                l1 = l1_loss(src, tgt, scale[b_idx].to(src.dtype)).sum()
-                giou = giou_loss(src, tgt).sum()
-            else:
-                l1 = giou = boxes.sum() * 0.0
-            losses[f"loss_bbox_s{s}"] = w * self.loss_bbox_weight * l1 / norms[s, 1]
-            losses[f"loss_giou_s{s}"] = w * self.loss_giou_weight * giou / norms[s, 1]
+        for s in range(S):
+            losses[f"loss_cls_s{s}"] = loss_cls[s]
+            losses[f"loss_bbox_s{s}"] = loss_bbox[s]
+            losses[f"loss_giou_s{s}"] = loss_giou[s]
 
         self._record(matches, targets, norms, gt_classes, gt_mask)
         return losses
