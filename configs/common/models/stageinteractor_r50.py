@@ -46,10 +46,12 @@ model = L(StageInteractor)(
         dynamic_bias=True,
         reuse=True,  # Tab. 6 "Reuse"
         reuse_start=2,  # first (0-based) stage reusing filters
-        max_reused_channel_filters=4,  # Tab. 10 max Δγ
-        num_reused_spatial_filters=1,  # Tab. 8 N_S
-        filter_usage="adapter",  # Tab. 11: "none" | "previous" | "current" | "adapter"
-        static_mixing="channel_spatial",  # Tab. 15/16: "none" | "channel" | "spatial" | "channel_spatial"
+        # The reuse-only switches stay None = "released value when reuse=True, off when
+        # reuse=False", so that reuse=False or max_reused_channel_filters=0 are single overrides:
+        max_reused_channel_filters=None,  # Tab. 10 max Δγ: 0..4, None = 4
+        num_reused_spatial_filters=None,  # Tab. 8 N_S: 0 | 1 | 3, None = 1
+        filter_usage=None,  # Tab. 11: "none" | "previous" | "current" | "adapter" (None)
+        static_mixing=None,  # Tab. 15/16: "none" | "channel" | "spatial" | "channel_spatial" (None)
     ),
     criterion=L(StageInteractorCriterion)(
         num_classes="${..decoder.num_classes}",

@@ -1,0 +1,12 @@
+# The AdaMixer baseline setting on the CPU demo (same tiny backbone, decoder size, data and
+# schedule as configs/demo/stageinteractor_demo.py): 3-D sampler, 2^z refinement, no reuse,
+# no dynamic biases, CSLA off. For a side-by-side comparison with the StageInteractor demo.
+from .stageinteractor_demo import dataloader, lr_multiplier, model, optimizer, train
+
+model.decoder.sampler = "3d"
+model.decoder.refine_mode = "2z"
+model.decoder.dynamic_bias = False
+model.decoder.reuse = False
+model.criterion.assigner.enabled = False
+train.output_dir = "./output/demo/adamixer"
+dataloader.evaluator.output_dir = train.output_dir

@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Run a StageInteractor LazyConfig on images and draw the detections.
+
+Examples::
+
+    python tools/demo.py --config-file configs/demo/stageinteractor_demo.py \
+        --input datasets/demo/val/ --output out/ train.init_checkpoint=output/demo/model_final.pth
+
+    python tools/demo.py --config-file configs/stageinteractor/stageinteractor_r50_100q_1x.py \
+        --input a.jpg b.jpg --output out/ --confidence-threshold 0.4 --sampling-points \
+        train.init_checkpoint=model.pth
+
+For every input ``X.jpg`` it writes ``OUTPUT/X.jpg`` (detections above the threshold, drawn by
+detectron2's ``Visualizer``) and, with ``--sampling-points``, ``OUTPUT/X_points.jpg``: one panel
+per decoder stage showing, for the ``--num-queries`` top-scoring queries, the box each stage
+starts from and the points it samples, one colour per query.
+
+Trailing ``key=value`` arguments are LazyConfig overrides (e.g. ``train.init_checkpoint=...``,
+``model.decoder.reuse=False``); ``--checkpoint`` is a shortcut for ``train.init_checkpoint``.
+"""
+import argparse
+import os
+import sys
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.data import MetadataCatalog  # noqa: E402
+from detectron2.data import transforms as T  # noqa: E402
+from detectron2.data.detection_utils import read_image  # noqa: E402
+from detectron2.utils.visualizer import Visualizer  # noqa: E402
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+PALETTE = [
+    (0.90, 0.10, 0.10), (0.10, 0.60, 0.95), (0.10, 0.75, 0.20), (0.95, 0.65, 0.05),
+    (0.65, 0.20, 0.85), (0.05, 0.80, 0.80), (0.95, 0.30, 0.65), (0.55, 0.55, 0.10),
+]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", required=True, help="LazyConfig .py file")
+    p.add_argument("--checkpoint", default=None, help="weights (same as train.init_checkpoint=...)")
+    p.add_argument("--input", nargs="+", required=True, help="image files and/or folders")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--confidence-threshold", type=float, default=0.3)
+    p.add_argument("--sampling-points", action="store_true", help="also draw per-stage sampling points")
+    p.add_argument("--num-queries", type=int, default=4, help="queries drawn with --sampling-points")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--min-size", type=int, default=None, help="test short side (default: from config)")
+    p.add_argument("--max-size", type=int, default=None, help="test long side limit (default: from config)")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="LazyConfig overrides key=value")
+    return p.parse_args(argv)
+
+
+def list_images(inputs: List[str]) -> List[str]:
+    files = []
+    for path in inputs:
+        if os.path.isdir(path):
+            files += sorted(
+                os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTS)
+            )
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"--input: {path!r} is neither an image file nor a folder")
+    if not files:
+        raise FileNotFoundError(f"--input: no images ({', '.join(IMAGE_EXTS)}) found in {inputs}")
+    return files
+
+
+def _test_augmentations(cfg, min_size, max_size):
+    """The test-time augmentations: the config's test mapper, else ResizeShortestEdge(800, 1333)."""
+    if min_size or max_size:
+        return T.AugmentationList([T.ResizeShortestEdge(min_size or 800, max_size or 1333)])
+    try:
+        mapper = instantiate(cfg.dataloader.test.mapper)
+        augs = mapper.augmentations
+        return augs if isinstance(augs, T.AugmentationList) else T.AugmentationList(list(augs))
+    except Exception as e:  # config without a test loader: fall back to the COCO test size
+        print(f"WARNING: no usable dataloader.test.mapper ({e}); resizing to short side 800, max 1333")
+        return T.AugmentationList([T.ResizeShortestEdge(800, 1333)])
+
+
+def _metadata(cfg):
+    try:
+        names = cfg.dataloader.test.dataset.names
+        name = names if isinstance(names, str) else list(names)[0]
+        instantiate(cfg.dataloader.test.dataset)  # registers custom datasets when needed
+        return MetadataCatalog.get(name)
+    except Exception:
+        return None
+
+
+def build(args):
+    cfg = LazyConfig.load(args.config_file)
+    opts = list(args.opts)
+    if args.checkpoint:
+        opts.append(f"train.init_checkpoint={args.checkpoint}")
+    cfg = LazyConfig.apply_overrides(cfg, opts)
+    model = instantiate(cfg.model).to(args.device).eval()
+    ckpt = cfg.train.get("init_checkpoint", "") if "train" in cfg else ""
+    if ckpt:
+        DetectionCheckpointer(model).load(ckpt)
+    else:
+        print("WARNING: no checkpoint given (--checkpoint or train.init_checkpoint=...): random weights")
+    return cfg, model, _test_augmentations(cfg, args.min_size, args.max_size)
+
+
+@torch.no_grad()
+def run_one(model, resize, image_rgb: np.ndarray, want_points: bool):
+    """Returns (instances in original pixels, stage outputs or None, scale (sx, sy) net->orig)."""
+    h, w = image_rgb.shape[:2]
+    aug_input = T.AugInput(image_rgb)
+    resize(aug_input)
+    net = aug_input.image
+    tensor = torch.as_tensor(np.ascontiguousarray(net.transpose(2, 0, 1)))
+    if model.input_format == "BGR":
+        tensor = tensor.flip(0)
+    inputs = [{"image": tensor, "height": h, "width": w}]
+    instances = model(inputs)[0]["instances"].to("cpu")
+    stages = None
+    if want_points:
+        images = model.preprocess_image(inputs)
+        sizes = torch.as_tensor([list(images.image_sizes[0])], dtype=torch.float32, device=model.device)
+        stages = model.run_decoder(images.tensor, sizes, return_sampling_points=True)
+    return instances, stages, (w / net.shape[1], h / net.shape[0])
+
+
+def draw_detections(image_rgb, instances, metadata, threshold: float) -> np.ndarray:
+    keep = instances[instances.scores >= threshold]
+    vis = Visualizer(image_rgb, metadata)
+    return vis.draw_instance_predictions(keep).get_image()
+
+
+def _points_xy(points: torch.Tensor) -> torch.Tensor:
+    """Any (B, N, ..., C>=2) sampling-point tensor -> (B, N, P, 2) x, y."""
+    if points.shape[-1] < 2:
+        raise ValueError(f"sampling_points must end with (x, y[, z]), got shape {tuple(points.shape)}")
+    return points[..., :2].reshape(points.shape[0], points.shape[1], -1, 2)
+
+
+def draw_sampling_points(image_rgb, stages: List[Dict], scale, num_queries: int) -> np.ndarray:
+    """One panel per stage: input box + sampling points of the top-scoring queries."""
+    from stageinteractor.core.box_ops import xyzr_to_xyxy
+
+    if not stages or "sampling_points" not in stages[0]:
+        raise RuntimeError(
+            "--sampling-points: the decoder returned no 'sampling_points' (it must support "
+            "decoder(features, image_sizes, return_sampling_points=True))"
+        )
+    best = stages[-1]["logits"][0].sigmoid().max(dim=-1).values
+    queries = best.topk(min(num_queries, best.numel())).indices.tolist()
+    sx, sy = scale
+    panels = []
+    for s, out in enumerate(stages):
+        vis = Visualizer(image_rgb)
+        pts = _points_xy(out["sampling_points"].float().cpu())[0]
+        boxes = xyzr_to_xyxy(out["input_xyzr"].float().cpu()[0]) if "input_xyzr" in out else None
+        for rank, q in enumerate(queries):
+            color = PALETTE[rank % len(PALETTE)]
+            if boxes is not None:
+                b = boxes[q].tolist()
+                vis.draw_box([b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy], edge_color=color, alpha=0.8)
+            for x, y in pts[q].tolist():
+                vis.draw_circle((x * sx, y * sy), color=color, radius=2)
+        vis.draw_text(f"stage {s}", (10, 10), horizontal_alignment="left", color="w")
+        panels.append(vis.get_output().get_image())
+    cols = min(3, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    ph, pw = panels[0].shape[:2]
+    grid = np.full((rows * ph, cols * pw, 3), 255, dtype=np.uint8)
+    for i, panel in enumerate(panels):
+        r, c = divmod(i, cols)
+        grid[r * ph:(r + 1) * ph, c * pw:(c + 1) * pw] = panel
+    return grid
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg, model, resize = build(args)
+    metadata = _metadata(cfg)
+    os.makedirs(args.output, exist_ok=True)
+    from PIL import Image
+
+    for path in list_images(args.input):
+        image = read_image(path, format="RGB")
+        instances, stages, scale = run_one(model, resize, image, args.sampling_points)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        out_path = os.path.join(args.output, stem + ".jpg")
+        Image.fromarray(draw_detections(image, instances, metadata, args.confidence_threshold)).save(out_path)
+        n = int((instances.scores >= args.confidence_threshold).sum())
+        print(f"{path}: {n} detections >= {args.confidence_threshold} -> {out_path}")
+        if args.sampling_points:
+            pts_path = os.path.join(args.output, stem + "_points.jpg")
+            Image.fromarray(draw_sampling_points(image, stages, scale, args.num_queries)).save(pts_path)
+            print(f"  sampling points -> {pts_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
