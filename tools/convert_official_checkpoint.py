@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from stageinteractor.d2.official_checkpoint import (  # noqa: E402
     ConversionError,
+    build_config_model,
     check_against_model,
     convert_official_to_ours,
     convert_ours_to_official,
@@ -43,16 +44,8 @@ from stageinteractor.d2.official_checkpoint import (  # noqa: E402
 
 
 def model_state_from_config(config_file: str):
-    """Shapes of the state dict of ``cfg.model`` (built on the meta device: no memory, fast)."""
-    import torch
-    from detectron2.config import LazyConfig, instantiate
-
-    if not os.path.isfile(config_file):
-        raise ConversionError(f"{config_file}: no such config file")
-    cfg = LazyConfig.load(config_file)
-    with torch.device("meta"):
-        model = instantiate(cfg.model)
-    return model.state_dict()
+    """State dict (shapes) of the model that ``config_file`` builds."""
+    return build_config_model(config_file).state_dict()
 
 
 def parse_args(argv=None):

@@ -52,6 +52,7 @@ __all__ = [
     "convert_official_to_ours",
     "convert_ours_to_official",
     "check_against_model",
+    "build_config_model",
     "save_atomically",
 ]
 
@@ -527,3 +528,30 @@ def check_against_model(sd: Mapping[str, Tensor], model_sd: Mapping[str, Tensor]
         if k not in sd:
             raise ConversionError(f"{source}: the model built from the config needs {k!r} (shape "
                                   f"{list(_shape(v))}) but the converted checkpoint has none")
+
+
+def build_config_model(config_file: str) -> torch.nn.Module:
+    """``cfg.model`` of a LazyConfig, its parts built on the meta device (shapes only: no
+    memory, no init time) where their constructors allow it, else on the CPU. Needs detectron2."""
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.utils.registry import locate
+
+    if not os.path.isfile(config_file):
+        raise ConversionError(f"{config_file}: no such config file")
+    cfg = LazyConfig.load(config_file)
+
+    def build(node):
+        try:
+            with torch.device("meta"):
+                return instantiate(node)
+        except (NotImplementedError, RuntimeError):  # computes a value at construction
+            return instantiate(node)
+
+    try:
+        with torch.device("meta"):
+            return instantiate(cfg.model)
+    except (NotImplementedError, RuntimeError):
+        pass
+    target = cfg.model._target_
+    target = locate(target) if isinstance(target, str) else target
+    return target(**{k: build(v) for k, v in cfg.model.items() if k != "_target_"})
