@@ -68,13 +68,20 @@ def hungarian():
 @contextlib.contextmanager
 def cuda_calls_are_noops():
     """Let detrex's ``.cuda()``-hard-coding code run on CPU tensors (for the parent side of
-    parity tests only): ``Tensor.cuda`` returns the tensor itself."""
-    original = torch.Tensor.cuda
+    parity tests only): ``Tensor.cuda()`` and ``Tensor.to("cuda")`` return the tensor itself."""
+    original, original_to = torch.Tensor.cuda, torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        if args and args[0] == "cuda":
+            return self
+        return original_to(self, *args, **kwargs)
+
     torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.Tensor.to = to
     try:
         yield
     finally:
-        torch.Tensor.cuda = original
+        torch.Tensor.cuda, torch.Tensor.to = original, original_to
 
 
 def assert_same_losses(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor], atol=1e-6):
