@@ -9,6 +9,7 @@ pytest.importorskip("detectron2")
 from detectron2.modeling import Backbone  # noqa: E402
 
 from stageinteractor.d2.backbone import (  # noqa: E402
+    BottleneckBlock,
     DeformConv2d,
     EvalBatchNorm2d,
     ResNet,
@@ -25,6 +26,17 @@ def n_params(m):
     return sum(p.numel() for p in m.parameters())
 
 
+# Swin-S and X101-DCN are slow to build on small CPUs: build each once per module.
+@pytest.fixture(scope="module")
+def swin_s():
+    return build_swin_small()
+
+
+@pytest.fixture(scope="module")
+def x101_dcn():
+    return build_resnext101_32x4d_dcn()
+
+
 # ----------------------------------------------------------------------------- parameter counts
 def test_param_count_r50():
     m = build_resnet50()
@@ -36,8 +48,8 @@ def test_param_count_r101():
     assert n_params(build_resnet101()) == 42_500_160
 
 
-def test_param_count_x101_dcn():
-    m = build_resnext101_32x4d_dcn()
+def test_param_count_x101_dcn(x101_dcn):
+    m = x101_dcn
     offsets = sum(p.numel() for n, p in m.named_parameters() if "conv2_offset" in n)
     assert offsets == 2_571_804
     n_dcn_blocks = sum(1 for n, _ in m.named_modules() if n.endswith("conv2_offset"))
@@ -47,8 +59,8 @@ def test_param_count_x101_dcn():
     assert len(m.state_dict()) == 684 - 104  # official keys minus num_batches_tracked
 
 
-def test_param_count_swin_s():
-    m = build_swin_small()
+def test_param_count_swin_s(swin_s):
+    m = swin_s
     assert n_params(m) == 48_838_602  # official layout §8 (measured)
     sd = m.state_dict()
     assert len(sd) == 357
@@ -56,9 +68,9 @@ def test_param_count_swin_s():
 
 
 # ----------------------------------------------------------------------------- ResNet shapes
-@pytest.mark.parametrize("builder", [build_resnet50, build_resnext101_32x4d_dcn])
-def test_resnet_outputs(builder):
-    m = builder().eval()
+@pytest.mark.parametrize("name", ["r50", "x101_dcn"])
+def test_resnet_outputs(name, request):
+    m = (build_resnet50() if name == "r50" else request.getfixturevalue("x101_dcn")).eval()
     assert isinstance(m, Backbone)
     shapes = m.output_shape()
     assert list(shapes) == ["res2", "res3", "res4", "res5"]
@@ -78,8 +90,8 @@ def test_resnet_out_features_subset_and_odd_size():
     assert out["res3"].shape == (1, 512, 9, 6) and out["res5"].shape == (1, 2048, 3, 2)
 
 
-def test_resnext_structure():
-    m = build_resnext101_32x4d_dcn()
+def test_resnext_structure(x101_dcn):
+    m = x101_dcn
     assert [len(getattr(m, f"res{k}")) for k in range(2, 6)] == [3, 4, 23, 3]
     assert m.res2[0].conv2.weight.shape == (128, 4, 3, 3) and not m.res2[0].dcn
     assert isinstance(m.res3[0].conv2, DeformConv2d)
@@ -115,7 +127,7 @@ def test_resnet_freeze_and_eval_bn_semantics():
     # BN affine of res3-res5 trainable
     assert m.res3[0].conv1.norm.weight.requires_grad and m.res5[2].conv3.norm.bias.requires_grad
     stats = {k: v.clone() for k, v in m.state_dict().items() if "running" in k}
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 32, 32)
     out = m(x)
     sum(o.mean() for o in out.values()).backward()
     for k, v in m.state_dict().items():
@@ -148,7 +160,7 @@ def test_resnet_frozenbn_option():
 
 def test_resnet_channels_last():
     m = build_resnet50().eval()
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         ref = m(x)
         m2 = m.to(memory_format=torch.channels_last)
@@ -183,12 +195,16 @@ def test_deform_conv_offset_layout_is_dy_dx():
     assert not torch.allclose(out[..., 1:], F.conv2d(x, dc.weight, None, 1, 1)[..., 1:])
 
 
-def test_dcn_backbone_backward_reaches_offsets():
-    m = build_resnext101_32x4d_dcn()
-    out = m(torch.randn(1, 3, 64, 64))
-    out["res5"].square().mean().backward()
-    g = m.res4[3].conv2_offset.weight.grad
-    assert g is not None and torch.isfinite(g).all()
+def test_dcn_block_backward_reaches_offsets():
+    torch.manual_seed(0)
+    blk = BottleneckBlock(64, 256, bottleneck_channels=128, stride=2, groups=32, dcn=True)
+    x = torch.randn(2, 64, 12, 12, requires_grad=True)
+    out = blk(x)
+    assert out.shape == (2, 256, 6, 6)
+    out.square().mean().backward()
+    g = blk.conv2_offset.weight.grad
+    assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+    assert blk.conv2.weight.grad.abs().sum() > 0 and torch.isfinite(x.grad).all()
 
 
 # ----------------------------------------------------------------------------- Swin
@@ -199,8 +215,8 @@ def _tiny_swin(**kw):
     return SwinTransformer(**cfg)
 
 
-def test_swin_s_outputs_random_init():
-    m = build_swin_small().eval()
+def test_swin_s_outputs_random_init(swin_s):
+    m = swin_s.eval()
     assert isinstance(m, Backbone)
     shapes = m.output_shape()
     assert [s.channels for s in shapes.values()] == [96, 192, 384, 768]
@@ -246,7 +262,12 @@ def test_swin_drop_path_branches(on_mlp, expected_calls, monkeypatch):
     monkeypatch.setattr(swin_mod.DropPath, "forward", counting)
     m(torch.randn(1, 3, 32, 32))
     assert len(calls) == expected_calls * 8  # 8 blocks
-    assert build_swin_small().layers[3].blocks[1].drop_path.drop_prob == pytest.approx(0.2)
+
+
+def test_swin_s_drop_path_schedule(swin_s):
+    probs = [b.drop_path.drop_prob for layer in swin_s.layers for b in layer.blocks]
+    assert len(probs) == 24 and probs[0] == 0.0 and probs[-1] == pytest.approx(0.2)
+    assert not any(b.drop_path_on_mlp for layer in swin_s.layers for b in layer.blocks)
 
 
 def test_swin_freeze_at():

@@ -149,6 +149,16 @@ def test_mmdet_dcn_offset_keys_are_mapped():
 
 
 # ----------------------------------------------------------------------------- Swin
+@pytest.fixture(scope="module")
+def swin_s():
+    return build_swin_small()
+
+
+@pytest.fixture(scope="module")
+def swin_s_ckpt(swin_s):
+    return _official_swin_s_checkpoint(swin_s)
+
+
 def _official_swin_s_checkpoint(model: SwinTransformer):
     """The official swin_small_patch4_window7_224.pth layout, synthesised from shapes."""
     sd = {k: v.clone() for k, v in model.state_dict().items() if not re.match(r"norm\d\.", k)}
@@ -167,9 +177,8 @@ def _official_swin_s_checkpoint(model: SwinTransformer):
     return {"model": sd}
 
 
-def test_official_swin_format_loads():
-    model = build_swin_small()
-    ckpt = _official_swin_s_checkpoint(model)
+def test_official_swin_format_loads(swin_s, swin_s_ckpt):
+    model, ckpt = swin_s, swin_s_ckpt
     sd = ckpt["model"]
     # spot-check the official names and shapes
     assert sd["patch_embed.proj.weight"].shape == (96, 3, 4, 4)
@@ -291,12 +300,13 @@ def test_converted_file_loads_with_stock_checkpointer(tmp_path):
     _assert_identical(det.backbone, IntermediateLayerGetter(tv, RETURN), x)
 
 
-def test_checkpointer_loads_official_swin_file(tmp_path):
-    model = build_swin_small()
-    ckpt = _official_swin_s_checkpoint(model)
+def test_checkpointer_loads_official_swin_file(tmp_path, swin_s, swin_s_ckpt):
+    ckpt = swin_s_ckpt
     path = tmp_path / "swin_small_patch4_window7_224.pth"
     torch.save(ckpt, path)
-    det = _Det(build_swin_small())
+    for p in swin_s.parameters():
+        p.data.zero_()
+    det = _Det(swin_s)
     StageInteractorCheckpointer(det).load(str(path))
     sd = det.state_dict()
     w = ckpt["model"]["layers.2.blocks.5.attn.qkv.weight"]
