@@ -88,10 +88,10 @@ def _test_augmentations(cfg, min_size, max_size):
 
 
 def _metadata(cfg):
+    """Class names of the config's test dataset (registered when the config was loaded)."""
     try:
         names = cfg.dataloader.test.dataset.names
         name = names if isinstance(names, str) else list(names)[0]
-        instantiate(cfg.dataloader.test.dataset)  # registers custom datasets when needed
         return MetadataCatalog.get(name)
     except Exception:
         return None
@@ -132,9 +132,14 @@ def run_one(model, resize, image_rgb: np.ndarray, want_points: bool):
     return instances, stages, (w / net.shape[1], h / net.shape[0])
 
 
+def _vis_scale(image: np.ndarray) -> float:
+    """Upscale small images so that labels and points stay readable (>= 400 px wide)."""
+    return max(1.0, 400.0 / image.shape[1])
+
+
 def draw_detections(image_rgb, instances, metadata, threshold: float) -> np.ndarray:
     keep = instances[instances.scores >= threshold]
-    vis = Visualizer(image_rgb, metadata)
+    vis = Visualizer(image_rgb, metadata, scale=_vis_scale(image_rgb))
     return vis.draw_instance_predictions(keep).get_image()
 
 
@@ -159,7 +164,7 @@ def draw_sampling_points(image_rgb, stages: List[Dict], scale, num_queries: int)
     sx, sy = scale
     panels = []
     for s, out in enumerate(stages):
-        vis = Visualizer(image_rgb)
+        vis = Visualizer(image_rgb, scale=_vis_scale(image_rgb))
         pts = _points_xy(out["sampling_points"].float().cpu())[0]
         boxes = xyzr_to_xyxy(out["input_xyzr"].float().cpu()[0]) if "input_xyzr" in out else None
         for rank, q in enumerate(queries):
