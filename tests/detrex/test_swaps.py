@@ -108,3 +108,34 @@ def test_device_agnostic_dino_matches_detrex_denoising():
         assert a.shape == b.shape and torch.equal(a, b)
     assert ours[3] == theirs[3]
     assert DeviceAgnosticDINO.prepare_for_cdn(None, [targets[2]], **args) == (None,) * 4
+
+
+def _our_configs():
+    import glob
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "projects", "csla", "configs")
+    return sorted(glob.glob(os.path.join(root, "*.py")))
+
+
+@pytest.mark.parametrize("path", _our_configs(), ids=lambda p: p.rsplit("/", 1)[-1][:-3])
+def test_transfer_config_is_detrex_baseline_plus_csla(path):
+    """Each transfer config = detrex's config (named in its header) + the swaps, nothing else."""
+    import re
+
+    from detectron2.config import LazyConfig
+    from stageinteractor.detrex_ext import CSLA_TWINS
+
+    ours = LazyConfig.load(path)
+    base_rel = re.search(r"^#\s+(projects/\S+\.py)$", open(path).read(), re.M).group(1)
+    base = load_detrex_project_config(base_rel)
+    assert ours.model.criterion._target_ in set(CSLA_TWINS.values())
+    assert ours.model.criterion._target_ is CSLA_TWINS[base.model.criterion._target_]
+    assert dict(ours.model.criterion.weight_dict) == dict(base.model.criterion.weight_dict)
+    assert ours.train.output_dir != base.train.output_dir
+    for key in ("max_iter", "init_checkpoint", "clip_grad", "eval_period"):
+        assert ours.train[key] == base.train[key], key
+    assert ours.optimizer.lr == base.optimizer.lr
+    assert ours.dataloader.train.total_batch_size == base.dataloader.train.total_batch_size
+    crit = instantiate(ours.model.criterion)
+    assert crit.csla_enabled and crit.csla_iou_threshold == 0.5 and crit.csla_scope == (-1, None)
