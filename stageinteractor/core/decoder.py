@@ -176,11 +176,15 @@ class StageInteractorDecoder(nn.Module):
                     f"features[{lvl}] (stride {s}) must have shape (B={B}, C={self.query_dim}, "
                     f"H≈{exp_h}, W≈{exp_w}), got {tuple(f.shape)}"
                 )
-            if not torch.isfinite(f).all():
-                raise ValueError(f"features[{lvl}] contains NaN or Inf")
         if image_sizes.shape != (B, 2):
             raise ValueError(f"image_sizes must have shape (B={B}, 2) as (h, w), got {tuple(image_sizes.shape)}")
-        if not torch.isfinite(image_sizes.float()).all():
+        # one float64 sum per tensor (no overflow for float32/bf16 inputs): NaN/Inf propagate
+        sums = torch.stack([f.sum(dtype=torch.float64) for f in features] + [image_sizes.sum(dtype=torch.float64)])
+        finite = torch.isfinite(sums).tolist()
+        for lvl, ok in enumerate(finite[:-1]):
+            if not ok:
+                raise ValueError(f"features[{lvl}] contains NaN or Inf")
+        if not finite[-1]:
             raise ValueError("image_sizes contains NaN or Inf")
 
     # ------------------------------------------------------------------ forward
@@ -202,13 +206,17 @@ class StageInteractorDecoder(nn.Module):
             self._validate(features, image_sizes)
         f0 = features[0]
         pad = f0.new_tensor([f0.shape[2] * self.feature_strides[0], f0.shape[3] * self.feature_strides[0]])
-        sizes = torch.minimum(image_sizes.to(f0.dtype if f0.is_floating_point() else torch.float32).clamp(min=1.0), pad)
-        q, xyzr, wh = self.query_generator(sizes)
+        sizes = torch.minimum(image_sizes.to(pad.dtype).clamp(min=1.0), pad)
+        q, xyzr, wh, boxes = self.query_generator(sizes)
+        sampler = self.stages[0].sampler
+        grid_scales = sampler.grid_scales_for(features)
+        features = sampler.fold(features)  # (B*G, C/G, H, W) views, shared by all stages
         bank = FilterBank()
         outputs: List[Dict[str, Tensor]] = []
         last = len(self.stages) - 1
+        grad = torch.is_grad_enabled()
         for s, stage in enumerate(self.stages):
-            out = stage(q, xyzr, wh, features, bank, return_sampling_points)
+            out = stage(q, xyzr, wh, boxes, features, bank, grid_scales, return_sampling_points)
             result = {"logits": out["logits"], "xyzr": out["xyzr"], "boxes": out["boxes"], "input_xyzr": xyzr}
             if return_sampling_points:
                 result["sampling_points"] = out["sampling_points"]
@@ -227,6 +235,8 @@ class StageInteractorDecoder(nn.Module):
                 else:
                     bank = FilterBank()
                 q = out["q"]
-                xyzr = out["xyzr"].detach()
-                wh = out["wh"].detach()
+                # boxes are detached between stages (spec §2.4); content and bank are not
+                xyzr, wh, boxes = out["xyzr"], out["wh"], out["boxes"]
+                if grad:
+                    xyzr, wh, boxes = xyzr.detach(), wh.detach(), boxes.detach()
         return outputs

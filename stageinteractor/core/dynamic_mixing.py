@@ -1,38 +1,56 @@
 """Cascade dynamic mixing with cross-stage filter reuse (paper §3.3 Eq. 2-3, spec §2.5(d)).
 
-All mixing is per (query, channel group); the batch of ``M = B*N*G`` independent problems is
-handled with ``baddbmm``. Shapes per group: sampled features ``I0 (P_in, C)``, channel filter
-``M (C, C)`` (row = input channel), spatial filter ``S (P_out, P_in)``.
+All mixing is per (query, channel group); the batch of ``Mb = B*N*G`` independent problems is
+handled with ``bmm``/``baddbmm``. Shapes per group: sampled features ``I0 (P_in, C)``, channel
+filter ``M (C, C)`` (row = input channel), spatial filter ``S (P_out, P_in)``.
+
+**One generator.** Every content-conditioned quantity of the mixing (filters, dynamic biases,
+adapter gates) comes from the stage's single fused ``generator`` Linear (see
+:class:`~stageinteractor.core.stage.DecoderStage`), whose rows are, per group g (g-major), the
+sampler's blocks followed by the blocks below (absent blocks are not built). This is the
+row-wise, per-group concatenation of the official layers (``official_checkpoint_layout.md`` §7):
+
+===========  =====================  ==========================================================
+block        rows per group         official source (per-group rows, same internal order)
+===========  =====================  ==========================================================
+``M``        C*C (i*C + o)          ``parameter_generator`` (first C*C rows of each group)
+``S``        P_cur*P_in (row-major) ``parameter_generator`` (remaining rows)
+``b_M``      C                      ``mix_bias`` (dynamic_bias)
+``b_S``      P_out                  ``mix_bias``
+``beta``     n*C  (m, c)            ``M_score_list_mix_bias`` (n > 0 and dynamic_bias)
+``gates``    C*2*n (c, slot, m)     ``M_score_list`` (n > 0 and filter_usage="adapter")
+``u``        N_S*P_cur              ``S_score_list`` (N_S > 0)
+``v``        P_in                   ``S_score_list2`` (N_S > 0)
+===========  =====================  ==========================================================
+
+:func:`fuse_group_rows` builds a fused weight/bias from the official tensors.
 
 Released behaviour (defaults):
 
-1. ``parameter_generator``: Linear(D -> G*(C*C + P_in*P_cur)); per group [M_cur | S_cur].
-2. ``mix_bias``: Linear(D -> G*(C + P_out)); per group [b_M | b_S] (``dynamic_bias``).
-3. ``X = ReLU(LN_{P_in x C}(I0 @ M_cur + b_M))`` (non-affine LayerNorm over the whole matrix).
-4. Cascade over the n reused channel filters M_j of the bank (oldest first)::
+1. ``X = ReLU(LN_{P_in x C}(I0 @ M_cur + b_M))`` (non-affine LayerNorm over the whole matrix).
+2. Cascade over the n reused channel filters M_j of the bank (oldest first)::
 
        R = I0
        for m in range(n):
            Z = R + static_m(X); R = Z
            X = ReLU(LN(Z @ Mg_m + beta_m))
 
-   ``Mg_m`` by ``filter_usage``: "adapter" (Eq. 3, ``(a c^T)*M_j + (1 - a c^T)*M_cur``, gates
-   ``channel_gates``: Linear(D -> G*C*2*n), per group (C, slot, n), slot 0 = column/output gate c,
-   slot 1 = row/input gate a); "previous" (``M_j``); "current" (``M_cur``); "none" (no dynamic
-   filter: ``X = ReLU(LN(Z + beta_m))``). ``beta_m`` from ``reuse_bias``: Linear(D -> G*n*C)
-   (``dynamic_bias``). With ``static_mixing="none"`` the step is a pure cascade, ``Z = X``.
-   All gates/filters/biases of all steps are generated and adapted in one batched expression;
+   ``Mg_m`` by ``filter_usage``: "adapter" (Eq. 3, ``(a c^T)*M_j + (1 - a c^T)*M_cur``, slot 0
+   of ``gates`` = column/output gate c, slot 1 = row/input gate a, sigmoid); "previous"
+   (``M_j``); "current" (``M_cur``); "none" (no dynamic filter: ``X = ReLU(LN(Z + beta_m))``).
+   With ``static_mixing="none"`` the step is a pure cascade, ``Z = X``. All gates/filters/biases
+   of all steps are generated in the one generator GEMM and adapted in one batched expression;
    only the inherently sequential mixing runs in the loop.
-5. Spatial reuse (N_S > 0): ``S' = (u v^T)*S_prev + (1 - u v^T)*tile(S_cur, N_S)`` with
-   ``S_prev`` the first ``N_S*P_cur`` rows of the previous stage's spatial filter, gates
-   ``spatial_row_gates`` Linear(D -> G*N_S*P_cur) and ``spatial_col_gates`` Linear(D -> G*P_in);
+3. Spatial reuse (N_S > 0): ``S' = (u v^T)*S_prev + (1 - u v^T)*tile(S_cur, N_S)`` with
+   ``S_prev`` the first ``N_S*P_cur`` rows of the previous stage's spatial filter;
    ``S_full = [S_cur ; S']``. (N_S = 1 is the released rule; for N_S > 1, P_cur = P_out/(N_S+1)
    and the reused rows of the previous stage are its own generated block followed by its first
    N_S - 1 reused blocks, i.e. filters originating from the N_S previous stages.)
-6. ``Y = ReLU(LN_{P_out x C}(S_full @ X + b_S))``; ``q = out_norm(q + out_proj(flat(Y)))`` with
+4. ``Y = ReLU(LN_{P_out x C}(S_full @ X + b_S))``; ``q = out_norm(q + out_proj(flat(Y)))`` with
    ``flat`` ordered (g, out-point, channel).
 """
-from typing import Optional, Tuple
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +59,22 @@ from torch import Tensor, nn
 from .filter_bank import FilterBank
 from .static_mixing import StaticMixing
 
-__all__ = ["CascadeDynamicMixing"]
+__all__ = ["CascadeDynamicMixing", "fuse_group_rows"]
+
+_SIGMOID_BLOCKS = ("gates", "u", "v")
+
+
+def fuse_group_rows(parts: Sequence[Tensor], num_groups: int) -> Tensor:
+    """Concatenate per-group row blocks: each part (G*r_i, ...) -> (G*sum(r_i), ...), g-major.
+
+    Used to build ``generator.weight`` / ``.bias`` from the official tensors (in the block order
+    of the module docstring)."""
+    G = num_groups
+    return torch.cat([p.reshape(G, -1, *p.shape[1:]) for p in parts], dim=1).reshape(-1, *parts[0].shape[1:])
 
 
 class CascadeDynamicMixing(nn.Module):
-    """See module docstring. ``forward(q, sampled, bank) -> (q, M_cur, S_full)``."""
+    """See module docstring. ``forward(q, gen, sampled, bank) -> (q, M_cur, S_full)``."""
 
     def __init__(
         self,
@@ -80,49 +109,58 @@ class CascadeDynamicMixing(nn.Module):
             )
         self.cur_rows = out_points // (num_reused_spatial + 1)
         self.reused_rows = out_points - self.cur_rows
-        G, C, n = num_groups, channels, num_reused_channel
+        G, C, n, P = num_groups, channels, num_reused_channel, in_points
 
-        self.parameter_generator = nn.Linear(query_dim, G * (C * C + in_points * self.cur_rows))
-        self.mix_bias = nn.Linear(query_dim, G * (C + out_points)) if dynamic_bias else None
+        blocks: List[Tuple[str, int]] = [("M", C * C), ("S", P * self.cur_rows)]
+        if dynamic_bias:
+            blocks += [("b_M", C), ("b_S", out_points)]
+            if n > 0:
+                blocks.append(("beta", n * C))
+        if n > 0 and filter_usage == "adapter":
+            blocks.append(("gates", C * 2 * n))
+        if num_reused_spatial > 0:
+            blocks += [("u", self.reused_rows), ("v", P)]
+        self.blocks = blocks
         self.out_proj = nn.Linear(G * out_points * C, query_dim)
         self.out_norm = nn.LayerNorm(query_dim)
         if n > 0 and static_mixing != "none":
             self.static = nn.ModuleList(
-                StaticMixing(kind=static_mixing, num_points=in_points, num_blocks=num_blocks, channels=C)
-                for _ in range(n)
+                StaticMixing(kind=static_mixing, num_points=P, num_blocks=num_blocks, channels=C) for _ in range(n)
             )
         else:
             self.static = None
-        self.channel_gates = nn.Linear(query_dim, G * C * 2 * n) if n > 0 and filter_usage == "adapter" else None
-        self.reuse_bias = nn.Linear(query_dim, G * n * C) if n > 0 and dynamic_bias else None
-        if num_reused_spatial > 0:
-            self.spatial_row_gates = nn.Linear(query_dim, G * self.reused_rows)
-            self.spatial_col_gates = nn.Linear(query_dim, G * in_points)
-        else:
-            self.spatial_row_gates = None
-            self.spatial_col_gates = None
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Spec §5: generator weights 0 (biases keep the PyTorch default U(±1/sqrt(D))), output
-        projection weight 0, gate generators weight and bias 0 (gates = 0.5)."""
-        nn.init.zeros_(self.parameter_generator.weight)
-        nn.init.zeros_(self.out_proj.weight)
-        for lin in (self.mix_bias, self.reuse_bias):
-            if lin is not None:
-                nn.init.zeros_(lin.weight)
-        for lin in (self.channel_gates, self.spatial_row_gates, self.spatial_col_gates):
-            if lin is not None:
-                nn.init.zeros_(lin.weight)
-                nn.init.zeros_(lin.bias)
+    def generator_blocks(self) -> List[Tuple[str, int]]:
+        """Per-group row blocks this module needs from the stage's fused generator."""
+        return list(self.blocks)
 
-    def forward(self, q: Tensor, sampled: Tensor, bank: FilterBank) -> Tuple[Tensor, Tensor, Tensor]:
+    def init_generator_bias(self, bias: Dict[str, Tensor]) -> None:
+        """Spec §5 for this module's generator blocks (views (G, rows), in place): filter and bias
+        blocks keep the PyTorch default U(±1/sqrt(D)); gate blocks get 0 (gates = 0.5).
+        (The generator weight is all zero.)"""
+        bound = 1.0 / math.sqrt(self.query_dim)
+        for name, _ in self.blocks:
+            if name in _SIGMOID_BLOCKS:
+                bias[name].zero_()
+            else:
+                bias[name].uniform_(-bound, bound)
+
+    def reset_parameters(self) -> None:
+        """Output projection weight 0 (spec §5); static layers zero-init themselves."""
+        nn.init.zeros_(self.out_proj.weight)
+
+    def forward(
+        self, q: Tensor, gen: Dict[str, Tensor], sampled: Tensor, bank: FilterBank
+    ) -> Tuple[Tensor, Tensor, Tensor]:
         """
         Args:
             q: (B*N, D) content after the self-attention.
+            gen: this module's generator blocks, each (B*N*G, rows) (:meth:`generator_blocks`).
             sampled: (B*N*G, P_in, C) sampled features I0.
-            bank: filters of earlier stages (``bank.channel`` must hold ``num_reused_channel``
-                filters and ``bank.spatial`` at least ``reused_rows`` rows when reuse is active).
+            bank: filters of earlier stages (``bank.channel`` (Mb, C, C, n) must hold
+                ``num_reused_channel`` filters and ``bank.spatial`` at least ``reused_rows`` rows
+                when reuse is active).
         Returns:
             q (B*N, D) after ``out_norm(q + out_proj(.))``, the generated channel filter
             M_cur (B*N*G, C, C) and the full spatial filter S_full (B*N*G, P_out, P_in).
@@ -131,60 +169,60 @@ class CascadeDynamicMixing(nn.Module):
         G, C, P = self.num_groups, self.channels, self.in_points
         Mb = BN * G
         n = self.num_reused_channel
-
-        params = self.parameter_generator(q).view(Mb, -1)
-        m_cur = params[:, : C * C].view(Mb, C, C)
-        s_cur = params[:, C * C :].view(Mb, self.cur_rows, P)
-        if self.mix_bias is not None:
-            mb = self.mix_bias(q).view(Mb, C + self.out_points)
-            x = torch.baddbmm(mb[:, None, :C], sampled, m_cur)
-            b_s: Optional[Tensor] = mb[:, C:, None]
+        m_cur = gen["M"].view(Mb, C, C)
+        s_cur = gen["S"].view(Mb, self.cur_rows, P)
+        if self.dynamic_bias:
+            x = torch.baddbmm(gen["b_M"].view(Mb, 1, C), sampled, m_cur)
         else:
             x = torch.bmm(sampled, m_cur)
-            b_s = None
         x = F.layer_norm(x, (P, C)).relu()
 
         if n > 0:
-            filters = self._step_filters(q, m_cur, bank)  # (Mb, n, C, C) or (Mb, C, C) or None
-            beta = self.reuse_bias(q).view(Mb, n, 1, C) if self.reuse_bias is not None else None
-            residual = sampled
+            filters = self._step_filters(gen, m_cur, bank)  # n filters (Mb, C, C) or None
+            betas = gen["beta"].view(Mb, n, 1, C).unbind(1) if self.dynamic_bias else None
+            residual = sampled if self.static is None else self.static[0].residual_view(sampled)
             for m in range(n):
                 if self.static is not None:
-                    z = self.static[m](x, residual)
-                    residual = z
+                    residual = self.static[m](x, residual)
+                    z = residual.view(Mb, P, C)
                 else:
                     z = x
-                if filters is None:  # filter_usage == "none"
-                    y = z if beta is None else z + beta[:, m]
+                if filters is None:  # filter_usage == "none": no dynamic filter in this step
+                    y = z if betas is None else z + betas[m]
                 else:
-                    f = filters if filters.dim() == 3 else filters[:, m]
-                    y = torch.bmm(z, f) if beta is None else torch.baddbmm(beta[:, m], z, f)
+                    y = torch.bmm(z, filters[m]) if betas is None else torch.baddbmm(betas[m], z, filters[m])
                 x = F.layer_norm(y, (P, C)).relu()
 
-        if self.spatial_row_gates is not None:
-            u = torch.sigmoid(self.spatial_row_gates(q)).view(Mb, self.reused_rows, 1)
-            v = torch.sigmoid(self.spatial_col_gates(q)).view(Mb, 1, P)
+        if self.num_reused_spatial > 0:
+            u = torch.sigmoid(gen["u"]).view(Mb, self.reused_rows, 1)
+            v = torch.sigmoid(gen["v"]).view(Mb, 1, P)
             s_prev = bank.spatial[:, : self.reused_rows]
             s_rep = s_cur if self.num_reused_spatial == 1 else s_cur.repeat(1, self.num_reused_spatial, 1)
             s_full = torch.cat([s_cur, torch.lerp(s_rep, s_prev, u * v)], dim=1)
         else:
             s_full = s_cur
-        y = torch.bmm(s_full, x) if b_s is None else torch.baddbmm(b_s, s_full, x)
+        if self.dynamic_bias:
+            y = torch.baddbmm(gen["b_S"].view(Mb, self.out_points, 1), s_full, x)
+        else:
+            y = torch.bmm(s_full, x)
         y = F.layer_norm(y, (self.out_points, C)).relu()
         q = self.out_norm(q + self.out_proj(y.view(BN, G * self.out_points * C)))
         return q, m_cur, s_full
 
-    def _step_filters(self, q: Tensor, m_cur: Tensor, bank: FilterBank) -> Optional[Tensor]:
-        """Channel filters of all reuse steps at once (see ``filter_usage``)."""
+    def _step_filters(self, gen: Dict[str, Tensor], m_cur: Tensor, bank: FilterBank) -> Optional[Sequence[Tensor]]:
+        """Channel filters of all reuse steps, adapted at once (see ``filter_usage``)."""
         usage = self.filter_usage
+        n = self.num_reused_channel
         if usage == "none":
             return None
         if usage == "current":
-            return m_cur
+            return [m_cur] * n
         if usage == "previous":
-            return bank.channel
-        Mb, C, n = m_cur.shape[0], self.channels, self.num_reused_channel
-        gates = torch.sigmoid(self.channel_gates(q)).view(Mb, C, 2, n).permute(0, 3, 2, 1)  # (Mb, n, 2, C)
-        col, row = gates.unbind(2)  # each (Mb, n, C)
-        outer = row.unsqueeze(-1) * col.unsqueeze(-2)  # (Mb, n, C_in, C_out) = a c^T
-        return torch.lerp(m_cur.unsqueeze(1), bank.channel, outer)  # Eq. 3
+            return bank.channel.unbind(-1)
+        Mb, C = m_cur.shape[0], self.channels
+        col, row = torch.sigmoid(gen["gates"]).view(Mb, C, 2, n).unbind(2)  # (Mb, C, n) each
+        # Eq. 3 as two interpolations towards M_cur (rows with a, then columns with c); this is
+        # exactly (a c^T)*M_j + (1 - a c^T)*M_cur. Bank layout (Mb, C_in, C_out, n).
+        cur = m_cur.unsqueeze(-1)
+        m_rows = torch.lerp(cur, bank.channel, row.unsqueeze(2))
+        return torch.lerp(cur, m_rows, col.unsqueeze(1)).unbind(-1)

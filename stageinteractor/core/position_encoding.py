@@ -40,3 +40,7 @@ class SineBoxEmbedding(nn.Module):
     def forward(self, xyzr: Tensor) -> Tensor:
         """(..., 4) -> (..., 4 * num_feats); no gradient is needed (boxes are detached)."""
         return torch.sin(torch.addcmul(self.phase, xyzr.unsqueeze(-1), self.freq)).flatten(-2)
+
+    def rows(self, xyzr: Tensor) -> Tensor:
+        """(B, N, 4) -> (B*N, 4 * num_feats), the same values as ``forward`` flattened to rows."""
+        return torch.sin(torch.addcmul(self.phase, xyzr.unsqueeze(-1), self.freq)).view(-1, self.freq.numel())

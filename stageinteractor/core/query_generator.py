@@ -20,19 +20,27 @@ class InitialQueryGenerator(nn.Module):
         self.query_dim = query_dim
         self.content = nn.Embedding(num_queries, query_dim)
         nn.init.normal_(self.content.weight, 0.0, 1.0)
+        self.register_buffer("log_to_zr", torch.tensor([[0.5, -1.0], [0.5, 1.0]]), persistent=False)
 
-    def forward(self, image_sizes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def forward(self, image_sizes: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """
         Args:
             image_sizes: (B, 2) float (h, w), already validated/clamped to >= 1 by the caller.
         Returns:
-            content (B*N, D), xyzr (B, N, 4), wh (B, N, 2) (the widths/heights of those boxes).
+            content (B*N, D), and the full-image boxes of every query as xyzr (B, N, 4),
+            wh (B, N, 2) and xyxy (B, N, 4).
         """
         B = image_sizes.shape[0]
         N = self.num_queries
         content = F.layer_norm(self.content.weight, (self.query_dim,)).repeat(B, 1)
         wh = image_sizes.flip(-1)  # (B, 2) = (w, h)
-        log_wh = torch.log2(wh)
-        zr = torch.stack([log_wh.sum(-1) * 0.5, log_wh[:, 1] - log_wh[:, 0]], dim=-1)
-        xyzr = torch.cat([wh * 0.5, zr], dim=-1)  # (B, 4)
-        return content, xyzr.unsqueeze(1).expand(B, N, 4), wh.unsqueeze(1).expand(B, N, 2)
+        # (log2 w, log2 h) -> (z, r) = ((log2 w + log2 h) / 2, log2 h - log2 w): one product-sum
+        zr = (torch.log2(wh).unsqueeze(-1) * self.log_to_zr).sum(1)
+        xyzr = torch.cat([wh * 0.5, zr], dim=-1)
+        boxes = torch.cat([torch.zeros_like(wh), wh], dim=-1)
+        return (
+            content,
+            xyzr.unsqueeze(1).expand(B, N, 4),
+            wh.unsqueeze(1).expand(B, N, 2),
+            boxes.unsqueeze(1).expand(B, N, 4),
+        )

@@ -15,7 +15,7 @@ feature pyramid there:
 Output: ``(B*N*G, P, C/G)`` with point index ``k * S + j`` (spatial block k, sub-point j).
 """
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -54,58 +54,102 @@ class PointSampler(nn.Module):
         self.strides = tuple(int(s) for s in strides)
         centres = torch.tensor([math.log2(s) + level_offset for s in self.strides])
         self.register_buffer("level_centres", centres.view(-1, 1, 1, 1, 1), persistent=False)
+        self.register_buffer("minus_one", torch.tensor(-1.0), persistent=False)
+        self.register_buffer("zero", torch.tensor(0.0), persistent=False)
 
-    def points(self, q: Tensor, xyzr: Tensor, wh: Tensor) -> Tuple[Tensor, Tensor]:
-        """Return ``(xy (B, G, N, P, 2) pixels, z (B, G, N, P, 1))``."""
+    def generator_blocks(self) -> List[Tuple[str, int]]:
+        """Per-group row blocks this sampler needs from the stage's fused generator."""
+        raise NotImplementedError
+
+    def init_generator_bias(self, bias: Dict[str, Tensor]) -> None:
+        """Initialise this sampler's blocks of the generator bias (views (G, rows), in place)."""
+        raise NotImplementedError
+
+    def points(self, q: Tensor, gen: Dict[str, Tensor], xyzr: Tensor, wh: Tensor) -> Tuple[Tensor, Tensor]:
+        """Return ``xy`` (B, G, N, ..., 2) pixels and ``z`` (B, G, N, ..., 1), the dots being the
+        P points (possibly as K x S)."""
         raise NotImplementedError
 
     def forward(
-        self, q: Tensor, xyzr: Tensor, wh: Tensor, features: List[Tensor], return_points: bool = False
+        self,
+        q: Tensor,
+        gen: Dict[str, Tensor],
+        xyzr: Tensor,
+        wh: Tensor,
+        features: List[Tensor],
+        grid_scales: Optional[List[Tensor]] = None,
+        return_points: bool = False,
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """
         Args:
-            q: (B*N, D) content; xyzr: (B, N, 4); wh: (B, N, 2) box widths/heights.
-            features: L maps (B, C, H_l, W_l) with the strides given at construction.
+            q: (B*N, D) content; gen: this sampler's generator blocks, each (B*N*G, rows)
+                (see :meth:`generator_blocks`); xyzr: (B, N, 4); wh: (B, N, 2) box widths/heights.
+            features: L maps with the strides given at construction, **group-folded**:
+                (B*G, C/G, H_l, W_l) (see :meth:`fold`; a free view of (B, C, H_l, W_l)).
+            grid_scales: optional per-level (2,) tensors ``(2 / (W_l*stride_l), 2 / (H_l*stride_l))``
+                (see :meth:`grid_scales_for`); levels sharing the same tensor object share one grid.
         Returns:
             sampled (B*N*G, P, C/G) and, if ``return_points``, the points (B, N, G, P, 3) (x, y, z).
         """
         B, N = xyzr.shape[:2]
         G, P = self.num_groups, self.num_points
-        xy, z = self.points(q, xyzr, wh)
-        # level weights (L, B*G, 1, N, P), one softmax over levels
-        logit = (z.reshape(1, B * G, 1, N, P) - self.level_centres).square().mul(-0.5)
-        weight = logit.softmax(0)
+        if grid_scales is None:
+            grid_scales = self.grid_scales_for(features)
+        xy, z = self.points(q, gen, xyzr, wh)
+        # level weights (L, B*G, 1, N, P): one softmax over the levels
+        dz = z.reshape(1, B * G, 1, N, P) - self.level_centres
+        weights = torch.addcmul(self.zero, dz, dz, value=-0.5).softmax(0)
         grids = {}
-        out = None
+        sampled_levels = []
         for lvl, feat in enumerate(features):
-            H, W = feat.shape[-2:]
-            size = (W * self.strides[lvl], H * self.strides[lvl])
-            grid = grids.get(size)
+            scale = grid_scales[lvl]
+            grid = grids.get(id(scale))
             if grid is None:
-                scale = xy.new_tensor([2.0 / size[0], 2.0 / size[1]])
-                grid = torch.addcmul(xy.new_tensor(-1.0), xy, scale).reshape(B * G, N, P, 2)
-                grids[size] = grid
-            fmap = feat.view(B * G, -1, H, W)
+                grid = torch.addcmul(self.minus_one, xy, scale).view(B * G, N, P, 2)
+                grids[id(scale)] = grid
             s = F.grid_sample(
-                fmap, grid.to(fmap.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
+                feat, grid.to(feat.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
             )  # (B*G, C/G, N, P)
-            out = s * weight[lvl] if out is None else torch.addcmul(out, s, weight[lvl])
+            sampled_levels.append(s)
+        # weighted sum over levels in one product-sum: (L, B*G, C/G, N, P) x (L, B*G, 1, N, P)
+        out = (torch.stack(sampled_levels) * weights).sum(0)
         Cg = out.shape[1]
-        sampled = out.view(B, G, Cg, N, P).permute(0, 3, 1, 4, 2).reshape(B * N * G, P, Cg)
+        sampled = torch.permute_copy(out.view(B, G, Cg, N, P), (0, 3, 1, 4, 2)).view(B * N * G, P, Cg)
         pts = None
         if return_points:
-            pts = torch.cat([xy, z], dim=-1).transpose(1, 2)
+            pts = torch.cat([xy.view(B, G, N, P, 2), z.view(B, G, N, P, 1)], dim=-1).transpose(1, 2)
         return sampled, pts
+
+    def fold(self, features: List[Tensor]) -> List[Tensor]:
+        """(B, C, H, W) maps -> (B*G, C/G, H, W) views (group g = channels [g*C/G, (g+1)*C/G))."""
+        G = self.num_groups
+        return [f.view(f.shape[0] * G, f.shape[1] // G, f.shape[2], f.shape[3]) for f in features]
+
+    def grid_scales_for(self, features: List[Tensor]) -> List[Tensor]:
+        """Per-level (2,) normalisers ``2 / padded size`` (one tensor per distinct padded size)."""
+        cache = {}
+        scales = []
+        for lvl, feat in enumerate(features):
+            H, W = feat.shape[-2:]
+            size = (int(W) * self.strides[lvl], int(H) * self.strides[lvl])
+            if size not in cache:
+                cache[size] = feat.new_tensor([2.0 / size[0], 2.0 / size[1]], dtype=torch.float32)
+            scales.append(cache[size])
+        return scales
 
 
 class GroupedPointSampler(PointSampler):
     """Two-level grouped sampler (paper Code 2, released code).
 
-    ``gen_one_d``: Linear(D -> G*K*3), per (g, k) an offset (dx0, dy0, dz0) (layout g, k, xyz).
-    ``gen_double_d``: Linear(D -> S*3) per sub-point j (dx1, dy1, dz1), shared by all groups
-    (``subpoint_offsets="shared"``, released) or Linear(D -> G*S*3) (``"per_group"``, paper).
+    Generator block ``offsets`` (official ``gen_one_d``): per group 3*K rows, per (g, k) an
+    offset (dx0, dy0, dz0) (layout g, k, xyz). Sub-point offsets (official ``gen_double_d``):
+    ``gen_double_d`` = Linear(D -> S*3), per sub-point j (dx1, dy1, dz1), shared by all groups
+    (``subpoint_offsets="shared"``, released), or the per-group generator block ``sub_offsets``
+    (3*S rows per group, ``"per_group"``, paper Code 2).
     Point (g, k, j): ``px = x + w*(dx0 + 2^dz0 * dx1)``, ``py = y + h*(dy0 + 2^dz0 * dy1)``,
     ``pz = z + dz0 + dz1``.
+    Init (spec §5): zero weights; dx0, dy0 ~ U(±0.5); sub-points j >= 1 U(±0.5/√2), j = 0 at
+    the block centre; all dz = 0.
     """
 
     def __init__(
@@ -122,41 +166,53 @@ class GroupedPointSampler(PointSampler):
         )
         self.num_sub = num_points // self.num_blocks
         self.per_group = subpoint_offsets == "per_group"
-        self.gen_one_d = nn.Linear(query_dim, 3 * num_groups * self.num_blocks)
-        self.gen_double_d = nn.Linear(query_dim, 3 * self.num_sub * (num_groups if self.per_group else 1))
-        self.reset_parameters()
+        self.gen_double_d = None if self.per_group else nn.Linear(query_dim, 3 * self.num_sub)
+        if self.gen_double_d is not None:
+            nn.init.zeros_(self.gen_double_d.weight)
+            with torch.no_grad():
+                self._init_sub(self.gen_double_d.bias.view(1, -1))
 
-    def reset_parameters(self) -> None:
-        """Spec §5: zero weights; dx0, dy0 ~ U(±0.5); sub-points j>=1 U(±0.5/√2), j=0 at 0; dz = 0."""
-        nn.init.zeros_(self.gen_one_d.weight)
-        nn.init.zeros_(self.gen_double_d.weight)
-        with torch.no_grad():
-            b1 = self.gen_one_d.bias.view(-1, 3)
-            b1.zero_()
-            b1[:, :2].uniform_(-0.5, 0.5)
-            b2 = self.gen_double_d.bias.view(-1, self.num_sub, 3)
-            b2.zero_()
-            bw = 0.5 / math.sqrt(2.0)
-            b2[:, 1:, :2].uniform_(-bw, bw)
+    def _init_sub(self, bias: Tensor) -> None:
+        b = bias.view(bias.shape[0], self.num_sub, 3)
+        b.zero_()
+        bw = 0.5 / math.sqrt(2.0)
+        b[:, 1:, :2].uniform_(-bw, bw)
 
-    def points(self, q: Tensor, xyzr: Tensor, wh: Tensor) -> Tuple[Tensor, Tensor]:
+    def generator_blocks(self) -> List[Tuple[str, int]]:
+        blocks = [("offsets", 3 * self.num_blocks)]
+        if self.per_group:
+            blocks.append(("sub_offsets", 3 * self.num_sub))
+        return blocks
+
+    def init_generator_bias(self, bias: Dict[str, Tensor]) -> None:
+        b1 = bias["offsets"].view(self.num_groups, self.num_blocks, 3)
+        b1.zero_()
+        b1[..., :2].uniform_(-0.5, 0.5)
+        if self.per_group:
+            self._init_sub(bias["sub_offsets"])
+
+    def points(self, q: Tensor, gen: Dict[str, Tensor], xyzr: Tensor, wh: Tensor) -> Tuple[Tensor, Tensor]:
         B, N = xyzr.shape[:2]
         G, K, S = self.num_groups, self.num_blocks, self.num_sub
-        o1 = self.gen_one_d(q).view(B, N, G, K, 1, 3).transpose(1, 2)  # (B, G, N, K, 1, 3)
+        # one small copy into (B, G, N, ...) order so that every point tensor below is contiguous
+        o1 = torch.transpose_copy(gen["offsets"].view(B, N, G, K, 1, 3), 1, 2)  # (B, G, N, K, 1, 3)
         if self.per_group:
-            o2 = self.gen_double_d(q).view(B, N, G, 1, S, 3).transpose(1, 2)
+            o2 = gen["sub_offsets"].view(B, N, G, 1, S, 3).transpose(1, 2)
         else:
             o2 = self.gen_double_d(q).view(B, 1, N, 1, S, 3)
-        box = xyzr.view(B, 1, N, 1, 1, 4)
-        off = torch.addcmul(o1[..., :2], torch.pow(2.0, o1[..., 2:]), o2[..., :2])
-        xy = torch.addcmul(box[..., :2], wh.view(B, 1, N, 1, 1, 2), off)
-        z = box[..., 2:3] + o1[..., 2:] + o2[..., 2:]
-        return xy.reshape(B, G, N, K * S, 2), z.reshape(B, G, N, K * S, 1)
+        d1xy, d1z = o1.split([2, 1], dim=-1)
+        d2xy, d2z = o2.split([2, 1], dim=-1)
+        ctr, cz, _ = xyzr.view(B, 1, N, 1, 1, 4).split([2, 1, 1], dim=-1)
+        off = torch.addcmul(d1xy, torch.pow(2.0, d1z), d2xy)
+        xy = torch.addcmul(ctr, wh.view(B, 1, N, 1, 1, 2), off)  # (B, G, N, K, S, 2)
+        z = cz + d1z + d2z
+        return xy, z
 
 
 class Point3DSampler(PointSampler):
-    """AdaMixer's 3-D sampler: ``offset_generator`` = Linear(D -> G*P*3) gives every point its own
-    (dx, dy, dz); ``px = x + w*dx``, ``py = y + h*dy``, ``pz = z + dz`` (layout g, p, xyz).
+    """AdaMixer's 3-D sampler: generator block ``offsets`` (AdaMixer's
+    ``sampling_offset_generator``, per group 3*P rows, layout g, p, xyz) gives every point its
+    own (dx, dy, dz); ``px = x + w*dx``, ``py = y + h*dy``, ``pz = z + dz``.
 
     Init (AdaMixer): zero weight; xy bias on a regular sqrt(P) x sqrt(P) grid in [-0.5, 0.5]
     when P is a square, else U(±0.5); z bias -1 (the level grid is log2(stride)).
@@ -177,38 +233,37 @@ class Point3DSampler(PointSampler):
             query_dim=query_dim, num_groups=num_groups, num_points=num_points, strides=strides, level_offset=0.0
         )
         self.group_init = group_init
-        self.offset_generator = nn.Linear(query_dim, 3 * num_groups * num_points)
-        self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        nn.init.zeros_(self.offset_generator.weight)
+    def generator_blocks(self) -> List[Tuple[str, int]]:
+        return [("offsets", 3 * self.num_points)]
+
+    def init_generator_bias(self, bias: Dict[str, Tensor]) -> None:
         G, P = self.num_groups, self.num_points
-        with torch.no_grad():
-            bias = self.offset_generator.bias.view(G, P, 3)
-            bias.zero_()
-            if self.group_init:
-                K = self.num_blocks
-                S = P // K
-                centre = torch.empty(G, K, 1, 2).uniform_(-0.5, 0.5)
-                bw = 0.5 / math.sqrt(2.0)
-                sub = torch.empty(1, 1, S, 2).uniform_(-bw, bw)
-                sub[:, :, 0] = 0
-                bias[..., :2] = (centre + sub).reshape(G, P, 2)
+        b = bias["offsets"].view(G, P, 3)
+        b.zero_()
+        if self.group_init:
+            K = self.num_blocks
+            S = P // K
+            centre = torch.empty(G, K, 1, 2).uniform_(-0.5, 0.5)
+            bw = 0.5 / math.sqrt(2.0)
+            sub = torch.empty(1, 1, S, 2).uniform_(-bw, bw)
+            sub[:, :, 0] = 0
+            b[..., :2] = (centre + sub).reshape(G, P, 2)
+        else:
+            h = int(round(math.sqrt(P)))
+            if h * h == P:
+                v = torch.linspace(-0.5, 0.5, h + 1)[:-1] + 0.5 / h
+                b[..., 0] = v.view(h, 1).expand(h, h).reshape(P)
+                b[..., 1] = v.view(1, h).expand(h, h).reshape(P)
             else:
-                h = int(round(math.sqrt(P)))
-                if h * h == P:
-                    v = torch.linspace(-0.5, 0.5, h + 1)[:-1] + 0.5 / h
-                    bias[..., 0] = v.view(h, 1).expand(h, h).reshape(P)
-                    bias[..., 1] = v.view(1, h).expand(h, h).reshape(P)
-                else:
-                    bias[..., :2].uniform_(-0.5, 0.5)
-            bias[..., 2] = -1.0
+                b[..., :2].uniform_(-0.5, 0.5)
+        b[..., 2] = -1.0
 
-    def points(self, q: Tensor, xyzr: Tensor, wh: Tensor) -> Tuple[Tensor, Tensor]:
+    def points(self, q: Tensor, gen: Dict[str, Tensor], xyzr: Tensor, wh: Tensor) -> Tuple[Tensor, Tensor]:
         B, N = xyzr.shape[:2]
         G, P = self.num_groups, self.num_points
-        o = self.offset_generator(q).view(B, N, G, P, 3).transpose(1, 2)  # (B, G, N, P, 3)
-        box = xyzr.view(B, 1, N, 1, 4)
-        xy = torch.addcmul(box[..., :2], wh.view(B, 1, N, 1, 2), o[..., :2])
-        z = box[..., 2:3] + o[..., 2:]
-        return xy, z
+        o = torch.transpose_copy(gen["offsets"].view(B, N, G, P, 3), 1, 2)  # (B, G, N, P, 3)
+        dxy, dz = o.split([2, 1], dim=-1)
+        ctr, cz, _ = xyzr.view(B, 1, N, 1, 4).split([2, 1, 1], dim=-1)
+        xy = torch.addcmul(ctr, wh.view(B, 1, N, 1, 2), dxy)
+        return xy, cz + dz

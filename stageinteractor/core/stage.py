@@ -6,19 +6,42 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import IoFSelfAttention, iof_log_bias
-from .dynamic_mixing import CascadeDynamicMixing
+from .attention import IoFSelfAttention
+from .dynamic_mixing import CascadeDynamicMixing, fuse_group_rows
 from .filter_bank import FilterBank
 from .position_encoding import SineBoxEmbedding
 from .sampler import GroupedPointSampler, Point3DSampler, num_spatial_blocks
 
-__all__ = ["DecoderStage"]
+__all__ = ["DecoderStage", "fuse_group_rows", "OFFICIAL_GENERATOR_SOURCES"]
+
+# generator block -> official per-stage layer (``roi_head.bbox_head.{s}.`` + name); blocks that
+# share a source (M/S, b_M/b_S) are consecutive and in the source's own per-group row order.
+OFFICIAL_GENERATOR_SOURCES = {
+    "offsets": "feat_extractor.gen_one_d.0",
+    "sub_offsets": None,  # per_group sub-point offsets: no official counterpart
+    "M": "dynamic_conv.parameter_generator",
+    "S": "dynamic_conv.parameter_generator",
+    "b_M": "dynamic_conv.mix_bias",
+    "b_S": "dynamic_conv.mix_bias",
+    "beta": "dynamic_conv.M_score_list_mix_bias",
+    "gates": "dynamic_conv.M_score_list",
+    "u": "dynamic_conv.S_score_list",
+    "v": "dynamic_conv.S_score_list2",
+}
 
 
 class DecoderStage(nn.Module):
     """Self-attention (IoF bias) -> sampling -> cascade dynamic mixing -> FFN -> cls/reg heads.
 
-    ``forward(q, xyzr, wh, features, bank)`` returns a dict with ``q`` (B*N, D), ``logits``
+    All content-conditioned generators of the stage (sampling offsets, dynamic filters, dynamic
+    biases, adapter gates) are **one** Linear, ``generator`` (D -> G*T), evaluated as one GEMM on
+    the post-attention content; its rows are per group g (g-major) the blocks of
+    ``generator_layout`` (sampler blocks, then mixing blocks). ``OFFICIAL_GENERATOR_SOURCES``
+    names the official layer of every block: a converter builds ``generator.weight``/``.bias``
+    with ``fuse_group_rows([official tensors in block order], G)`` (M and S share
+    ``parameter_generator``, b_M and b_S share ``mix_bias``: pass those once).
+
+    ``forward(q, xyzr, wh, boxes, features, bank)`` returns a dict with ``q`` (B*N, D), ``logits``
     (B, N, K), ``xyzr`` (B, N, 4) refined (attached to the graph), ``wh`` (B, N, 2) of the refined
     boxes, ``boxes`` (B, N, 4) xyxy, ``m_cur`` / ``s_full`` (filters for the bank) and
     optionally ``sampling_points`` (B, N, G, P, 3).
@@ -85,6 +108,9 @@ class DecoderStage(nn.Module):
             static_mixing=static_mixing,
             dynamic_bias=dynamic_bias,
         )
+        self.num_groups = num_groups
+        self.generator_layout = self.sampler.generator_blocks() + self.mixing.generator_blocks()
+        self.generator = nn.Linear(query_dim, num_groups * sum(r for _, r in self.generator_layout))
         self.ffn_fc1 = nn.Linear(query_dim, ffn_dim)
         self.ffn_fc2 = nn.Linear(ffn_dim, query_dim)
         self.ffn_norm = nn.LayerNorm(query_dim)
@@ -95,10 +121,26 @@ class DecoderStage(nn.Module):
         self.reg_norm = nn.LayerNorm(query_dim)
         self.reg_delta = nn.Linear(query_dim, 4)
         self.register_buffer("half_sign", torch.tensor([-0.5, 0.5]), persistent=False)
+        self.register_buffer("corner_half", torch.tensor([-0.5, -0.5, 0.5, 0.5]), persistent=False)
         self.reset_parameters()
 
+    def generator_bias_blocks(self) -> Dict[str, Tensor]:
+        """Views (G, rows) of ``generator.bias`` per block (for init / inspection)."""
+        bias = self.generator.bias.detach().view(self.num_groups, -1)
+        out, start = {}, 0
+        for name, rows in self.generator_layout:
+            out[name] = bias[:, start : start + rows]
+            start += rows
+        return out
+
     def reset_parameters(self) -> None:
-        """Spec §5 for the layers owned here (attention/sampler/mixing init themselves)."""
+        """Spec §5 for the layers owned here (attention/sampler/mixing init the rest): generator
+        weight 0 and per-block biases (sampler offsets, default U(±1/16) filters/biases, 0 gates)."""
+        nn.init.zeros_(self.generator.weight)
+        with torch.no_grad():
+            blocks = self.generator_bias_blocks()
+            self.sampler.init_generator_bias(blocks)
+            self.mixing.init_generator_bias(blocks)
         for lin in (self.ffn_fc1, self.ffn_fc2, self.cls_fc, self.reg_fc, self.cls_logits):
             nn.init.xavier_uniform_(lin.weight)
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - 0.01) / 0.01))
@@ -110,43 +152,61 @@ class DecoderStage(nn.Module):
         q: Tensor,
         xyzr: Tensor,
         wh: Tensor,
+        boxes: Tensor,
         features: List[Tensor],
         bank: FilterBank,
+        grid_scales: Optional[List[Tensor]] = None,
         return_sampling_points: bool = False,
     ) -> Dict[str, Optional[Tensor]]:
         """
         Args:
-            q: (B*N, D) content; xyzr: (B, N, 4) detached input boxes; wh: (B, N, 2) their w, h.
-            features: L maps (B, D, H_l, W_l); bank: filters of earlier stages.
+            q: (B*N, D) content.
+            xyzr, wh, boxes: (B, N, 4), (B, N, 2), (B, N, 4) the detached input boxes as xyzr,
+                their widths/heights and xyxy (all three describe the same boxes).
+            features: L group-folded maps (B*G, D/G, H_l, W_l) (``self.sampler.fold``);
+                bank: filters of earlier stages;
+            grid_scales: see :meth:`PointSampler.grid_scales_for` (computed if None).
         """
         B, N = xyzr.shape[:2]
-        xy = xyzr[..., :2]
         # (a)+(b) box embedding and IoF-biased self-attention (boxes carry no gradient)
-        half = wh * 0.5
-        log_iof = iof_log_bias(torch.cat([xy - half, xy + half], dim=-1))
-        x = q + self.pos_embed(xyzr).view(B * N, -1)
+        log_iof = self.attention.log_iof(boxes, wh.prod(-1))
+        x = q + self.pos_embed.rows(xyzr)
         attn = self.attention(x, log_iof)
         q = self.attention_norm((x if self.pe_residual == "stream" else q) + attn)
         # (c) sampling, (d) cascade dynamic mixing
-        sampled, points = self.sampler(q, xyzr, wh, features, return_sampling_points)
-        q, m_cur, s_full = self.mixing(q, sampled, bank)
+        gen = dict(
+            zip(
+                (name for name, _ in self.generator_layout),
+                self.generator(q).view(B * N * self.num_groups, -1).split([r for _, r in self.generator_layout], 1),
+            )
+        )
+        sampled, points = self.sampler(q, gen, xyzr, wh, features, grid_scales, return_sampling_points)
+        q, m_cur, s_full = self.mixing(q, gen, sampled, bank)
         # (e) FFN and heads
         q = self.ffn_norm(q + self.ffn_fc2(self.ffn_fc1(q).relu()))
         logits = self.cls_logits(self.cls_norm(self.cls_fc(q)).relu())
         delta = self.reg_delta(self.reg_norm(self.reg_fc(q)).relu()).view(B, N, 4)
-        # refinement (spec §2.4): "wh" uses w for x and h for y, "2z" uses 2^z for both
-        scale = wh if self.refine_mode == "wh" else torch.pow(2.0, xyzr[..., 2:3])
-        new_xyzr = torch.cat([torch.addcmul(xy, delta[..., :2], scale), xyzr[..., 2:] + delta[..., 2:]], dim=-1)
-        new_wh = torch.pow(2.0, torch.addcmul(new_xyzr[..., 2:3], new_xyzr[..., 3:4], self.half_sign))
-        new_half = new_wh * 0.5
-        boxes = torch.cat([new_xyzr[..., :2] - new_half, new_xyzr[..., :2] + new_half], dim=-1)
+        new_xyzr, new_wh, new_boxes = self.refine(xyzr, wh, delta)
         return {
             "q": q,
             "logits": logits.view(B, N, self.num_classes),
             "xyzr": new_xyzr,
             "wh": new_wh,
-            "boxes": boxes,
+            "boxes": new_boxes,
             "m_cur": m_cur,
             "s_full": s_full,
             "sampling_points": points,
         }
+
+    def refine(self, xyzr: Tensor, wh: Tensor, delta: Tensor):
+        """Spec §2.4: ``x += dx*w, y += dy*h`` ("wh") or ``*2^z`` ("2z"); ``z += dz, r += dr``.
+        Returns the refined xyzr, its (w, h) and its xyxy box, each (B, N, 4 | 2 | 4)."""
+        xy, zr = xyzr.split(2, dim=-1)
+        dxy, dzr = delta.split(2, dim=-1)
+        scale = wh if self.refine_mode == "wh" else torch.pow(2.0, xyzr[..., 2:3])
+        new_xy = torch.addcmul(xy, dxy, scale)
+        new_zr = zr + dzr
+        z, r = new_zr.split(1, dim=-1)
+        new_wh = torch.pow(2.0, torch.addcmul(z, r, self.half_sign))
+        boxes = torch.addcmul(new_xy.repeat(1, 1, 2), new_wh.repeat(1, 1, 2), self.corner_half)
+        return torch.cat([new_xy, new_zr], dim=-1), new_wh, boxes

@@ -46,15 +46,23 @@ class StaticMixing(nn.Module):
         for p in self.parameters():
             nn.init.zeros_(p)
 
+    def residual_view(self, sampled: Tensor) -> Tensor:
+        """The residual stream's layout for :meth:`forward`: (M, K, S, C) for
+        "channel_spatial", else (M, P, C) (a view of ``sampled`` (M, P, C))."""
+        if self.kind == "channel_spatial":
+            return sampled.view(sampled.shape[0], self.num_blocks, self.num_sub, self.channels)
+        return sampled
+
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        """x, residual: (M, P, C) -> (M, P, C) = residual + static(x)."""
+        """x: (M, P, C); residual: :meth:`residual_view` layout. Returns ``residual + static(x)``
+        in the residual's layout (contiguous)."""
         M = x.shape[0]
         K, S, C = self.num_blocks, self.num_sub, self.channels
         if self.kind == "channel_spatial":
-            intra = F.linear(x.reshape(M * K, S * C), self.intra.weight, self.intra.bias)
-            xt = x.view(M, K, S, C).transpose(1, 2).reshape(M * S, K * C)
+            intra = F.linear(x.view(M * K, S * C), self.intra.weight, self.intra.bias).view(M, K, S, C)
+            xt = torch.transpose_copy(x.view(M, K, S, C), 1, 2).view(M * S, K * C)
             inter = F.linear(xt, self.inter.weight, self.inter.bias).view(M, S, K, C).transpose(1, 2)
-            return (residual.view(M, K, S, C) + intra.view(M, K, S, C) + inter).reshape(M, K * S, C)
+            return residual + intra + inter
         if self.kind == "channel":
             return residual + F.linear(x, self.channel.weight, self.channel.bias)
         return residual + torch.matmul(self.spatial.weight, x) + self.spatial.bias.unsqueeze(-1)
