@@ -209,3 +209,30 @@ def test_disabled_is_the_parent():
     ours = CSLASetCriterion(num_classes=K, matcher=hungarian(), weight_dict=dict(WEIGHTS), csla_enabled=False)
     want, got = base(outputs, targets), ours(outputs, targets)
     assert all(torch.equal(got[k], want[k]) for k in want) and sorted(got) == sorted(want)
+
+
+def test_h_detr_one2many_branch_is_left_to_detrex_unless_asked():
+    from projects.h_deformable_detr.modeling import DeformableCriterion
+
+    gen = torch.Generator().manual_seed(4)
+    S = 3
+    outputs = rand_decoder(2, 10, K, S, gen)
+    many = rand_decoder(2, 20, K, S, gen)
+    outputs.update(pred_logits_one2many=many["pred_logits"], pred_boxes_one2many=many["pred_boxes"],
+                   aux_outputs_one2many=many["aux_outputs"])
+    targets = rand_targets([2, 3], K, gen)
+    multi = [{"labels": t["labels"].repeat(2), "boxes": t["boxes"].repeat(2, 1)} for t in targets]
+    second = {"pred_logits": many["pred_logits"], "pred_boxes": many["pred_boxes"],
+              "aux_outputs": many["aux_outputs"]}
+    base = DeformableCriterion(num_classes=K, matcher=hungarian(), weight_dict=dict(WEIGHTS))
+    want = base(second, multi)
+    results = {}
+    for on in (False, True):
+        crit = CSLAHDeformableCriterion(
+            num_classes=K, matcher=hungarian(), weight_dict=dict(WEIGHTS), csla_on_one2many=on
+        )
+        crit(outputs, targets)  # one-to-one call: remembers the one-to-many logits
+        results[on] = crit(second, multi)
+    assert all(torch.equal(results[False][k], want[k]) for k in want)
+    assert not torch.allclose(results[True]["loss_class"], want["loss_class"])
+    assert torch.equal(results[True]["loss_bbox"], want["loss_bbox"])

@@ -139,3 +139,25 @@ def test_transfer_config_is_detrex_baseline_plus_csla(path):
     assert ours.dataloader.train.total_batch_size == base.dataloader.train.total_batch_size
     crit = instantiate(ours.model.criterion)
     assert crit.csla_enabled and crit.csla_iou_threshold == 0.5 and crit.csla_scope == (-1, None)
+
+
+@pytest.mark.parametrize("name,base_rel", [
+    ("dino_r50_4scale_12ep_csla.py", "projects/dino/configs/dino-resnet/dino_r50_4scale_12ep.py"),
+    ("dn_detr_r50_50ep_csla.py", "projects/dn_detr/configs/dn_detr_r50_50ep.py"),
+    ("h_deformable_detr_r50_two_stage_12ep_csla.py",
+     "projects/h_deformable_detr/configs/h_deformable_detr_r50_two_stage_12ep.py"),
+])
+def test_csla_model_checkpoints_are_detrex_checkpoints(name, base_rel):
+    """Same state-dict keys and shapes as detrex's model (tiny sizes): checkpoints interchange."""
+    import os
+
+    from detectron2.config import LazyConfig
+    from stageinteractor.detrex_ext.tiny import shrink_model_cfg
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "projects", "csla", "configs")
+    ours = instantiate(shrink_model_cfg(LazyConfig.load(os.path.join(root, name)).model))
+    base = instantiate(shrink_model_cfg(load_detrex_project_config(base_rel).model))
+    a, b = ours.state_dict(), base.state_dict()
+    assert list(a) == list(b)
+    assert all(a[k].shape == b[k].shape for k in a)
+    ours.load_state_dict(b)  # strict
