@@ -207,7 +207,29 @@ def test_dcn_block_backward_reaches_offsets():
     assert blk.conv2.weight.grad.abs().sum() > 0 and torch.isfinite(x.grad).all()
 
 
+def test_dcn_block_cpu_bf16_autocast():
+    """torchvision has no bf16 CPU deform kernel: DeformConv2d runs it in float32."""
+    torch.manual_seed(0)
+    blk = BottleneckBlock(64, 256, bottleneck_channels=128, stride=2, groups=32, dcn=True)
+    x = torch.randn(2, 64, 12, 12)
+    ref = blk(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = blk(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+    assert blk.conv2.weight.grad.dtype == torch.float32
+
+
 # ----------------------------------------------------------------------------- Swin
+def test_swin_cpu_bf16_autocast():
+    m = _tiny_swin().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(torch.randn(1, 3, 40, 52))
+    sum(o.float().mean() for o in out.values()).backward()
+    assert all(torch.isfinite(o.float()).all() for o in out.values())
+
+
 def _tiny_swin(**kw):
     cfg = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7,
                drop_path_rate=0.0)

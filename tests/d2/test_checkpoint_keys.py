@@ -311,3 +311,27 @@ def test_checkpointer_loads_official_swin_file(tmp_path, swin_s, swin_s_ckpt):
     sd = det.state_dict()
     w = ckpt["model"]["layers.2.blocks.5.attn.qkv.weight"]
     assert torch.equal(sd["backbone.layers.2.blocks.5.attn.qkv.weight"], w)
+
+
+def test_mixin_composes_with_other_checkpointers(tmp_path):
+    """ImageNetInitMixin added in front of any DetectionCheckpointer subclass (e.g. the
+    project's AtomicCheckpointer) gives it ImageNet-format loading; detector checkpoints
+    still load unchanged."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from stageinteractor.d2.checkpoint import ImageNetInitMixin
+
+    class MyCheckpointer(ImageNetInitMixin, DetectionCheckpointer):
+        pass
+
+    tv, pth, _ = _files(tmp_path)
+    det = _Det(build_resnet50())
+    MyCheckpointer(det).load(str(pth))
+    assert torch.equal(det.backbone.res3[1].conv2.weight, tv.layer2[1].conv2.weight)
+    # a full detector checkpoint passes through untouched
+    full = tmp_path / "model_final.pth"
+    torch.save({"model": det.state_dict()}, full)
+    det2 = _Det(build_resnet50())
+    MyCheckpointer(det2, save_dir=str(tmp_path)).resume_or_load(str(full), resume=False)
+    for k, v in det.state_dict().items():
+        assert torch.equal(det2.state_dict()[k], v), k

@@ -150,15 +150,23 @@ class DeformConv2d(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # same as nn.Conv2d's default
 
     def forward(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        x = deform_conv2d(
-            x,
-            offset.to(x.dtype),
-            self.weight.to(x.dtype),
-            None if self.bias is None else self.bias.to(x.dtype),
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-        )
+        # The op runs in float32 (fp32/fp64 inputs run as they are). This covers CUDA fp16 and
+        # CPU bf16 autocast (torchvision has no reduced-precision CPU kernel); the result keeps
+        # the input's dtype, like torchvision's own autocast wrapper.
+        dtype = x.dtype
+        low = dtype in (torch.float16, torch.bfloat16)
+        if low or torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                x = deform_conv2d(
+                    x.float(), offset.float(), self.weight.float(),
+                    None if self.bias is None else self.bias.float(),
+                    stride=self.stride, padding=self.padding, dilation=self.dilation,
+                ).to(dtype)
+        else:
+            x = deform_conv2d(
+                x, offset, self.weight, self.bias,
+                stride=self.stride, padding=self.padding, dilation=self.dilation,
+            )
         if self.norm is not None:
             x = self.norm(x)
         return x
