@@ -37,7 +37,9 @@ def _time(fn: Callable[[], None]) -> float:
     return time.perf_counter() - t0
 
 
-def _on_off(set_enabled: Callable[[bool], None], run: Callable[[], None], repeats: int, warmup: int = 2):
+def _on_off(
+    set_enabled: Callable[[bool], None], run: Callable[[], None], repeats: int, warmup: int = 2
+):
     times: Dict[bool, List[float]] = {True: [], False: []}
     for i in range(warmup + repeats):
         for enabled in (False, True):
@@ -46,8 +48,13 @@ def _on_off(set_enabled: Callable[[bool], None], run: Callable[[], None], repeat
             if i >= warmup:
                 times[enabled].append(dt)
     off, on = statistics.median(times[False]), statistics.median(times[True])
-    return {"off_ms": 1e3 * off, "on_ms": 1e3 * on, "extra_ms": 1e3 * (on - off),
-            "extra_pct": 100.0 * (on - off) / off, "repeats": repeats}
+    return {
+        "off_ms": 1e3 * off,
+        "on_ms": 1e3 * on,
+        "extra_ms": 1e3 * (on - off),
+        "extra_pct": 100.0 * (on - off) / off,
+        "repeats": repeats,
+    }
 
 
 def bench_tiny_step(repeats: int = 30) -> Dict[str, float]:
@@ -76,8 +83,14 @@ def bench_tiny_step(repeats: int = 30) -> Dict[str, float]:
     return _on_off(set_enabled, step, repeats)
 
 
-def bench_criterion(repeats: int = 30, queries: int = 900, classes: int = 80, stages: int = 6,
-                    batch: int = 2, objects: int = 20) -> Dict[str, float]:
+def bench_criterion(
+    repeats: int = 30,
+    queries: int = 900,
+    classes: int = 80,
+    stages: int = 6,
+    batch: int = 2,
+    objects: int = 20,
+) -> Dict[str, float]:
     """Median DINO criterion forward+backward at R50 scale, CSLA on vs off."""
     from detrex.modeling.matcher import HungarianMatcher
 
@@ -87,8 +100,13 @@ def bench_criterion(repeats: int = 30, queries: int = 900, classes: int = 80, st
 
     def rand_stage(q):
         logits = torch.randn(batch, q, classes, generator=gen)
-        boxes = torch.cat([0.2 + 0.6 * torch.rand(batch, q, 2, generator=gen),
-                           0.05 + 0.3 * torch.rand(batch, q, 2, generator=gen)], -1)
+        boxes = torch.cat(
+            [
+                0.2 + 0.6 * torch.rand(batch, q, 2, generator=gen),
+                0.05 + 0.3 * torch.rand(batch, q, 2, generator=gen),
+            ],
+            -1,
+        )
         return {"pred_logits": logits.requires_grad_(), "pred_boxes": boxes.requires_grad_()}
 
     def rand_decoder(q):
@@ -97,17 +115,35 @@ def bench_criterion(repeats: int = 30, queries: int = 900, classes: int = 80, st
 
     outputs = rand_decoder(queries)
     outputs["enc_outputs"] = rand_stage(queries)
-    targets = [{"labels": torch.randint(0, classes, (objects,), generator=gen),
-                "boxes": torch.cat([0.2 + 0.6 * torch.rand(objects, 2, generator=gen),
-                                    0.05 + 0.3 * torch.rand(objects, 2, generator=gen)], 1)}
-               for _ in range(batch)]
+    targets = [
+        {
+            "labels": torch.randint(0, classes, (objects,), generator=gen),
+            "boxes": torch.cat(
+                [
+                    0.2 + 0.6 * torch.rand(objects, 2, generator=gen),
+                    0.05 + 0.3 * torch.rand(objects, 2, generator=gen),
+                ],
+                1,
+            ),
+        }
+        for _ in range(batch)
+    ]
     dn_num = max(100 // objects, 1)
-    dn_meta = {"output_known_lbs_bboxes": rand_decoder(2 * objects * dn_num), "dn_num": dn_num,
-               "single_padding": 2 * objects}
+    dn_meta = {
+        "output_known_lbs_bboxes": rand_decoder(2 * objects * dn_num),
+        "dn_num": dn_num,
+        "single_padding": 2 * objects,
+    }
     crit = CSLADINOCriterion(
         num_classes=classes,
-        matcher=HungarianMatcher(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0,
-                                 cost_class_type="focal_loss_cost", alpha=0.25, gamma=2.0),
+        matcher=HungarianMatcher(
+            cost_class=2.0,
+            cost_bbox=5.0,
+            cost_giou=2.0,
+            cost_class_type="focal_loss_cost",
+            alpha=0.25,
+            gamma=2.0,
+        ),
         weight_dict={"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0},
     )
 
@@ -123,8 +159,11 @@ def bench_criterion(repeats: int = 30, queries: int = 900, classes: int = 80, st
 def bench(repeats: int = 30, threads: int = 1) -> Dict[str, Dict[str, float]]:
     """Both measurements; ``threads`` sets torch's intra-op threads (1 = stable on shared CPUs)."""
     torch.set_num_threads(threads)
-    return {"threads": threads, "tiny_dino_step": bench_tiny_step(repeats),
-            "dino_r50_criterion": bench_criterion(repeats)}
+    return {
+        "threads": threads,
+        "tiny_dino_step": bench_tiny_step(repeats),
+        "dino_r50_criterion": bench_criterion(repeats),
+    }
 
 
 def main(argv=None):
@@ -136,8 +175,10 @@ def main(argv=None):
     result = bench(args.repeats, args.threads)
     for name in ("tiny_dino_step", "dino_r50_criterion"):
         r = result[name]
-        print(f"{name:20s} off {r['off_ms']:8.1f} ms  on {r['on_ms']:8.1f} ms  "
-              f"extra {r['extra_ms']:+7.1f} ms ({r['extra_pct']:+.1f}%)  median of {r['repeats']}")
+        print(
+            f"{name:20s} off {r['off_ms']:8.1f} ms  on {r['on_ms']:8.1f} ms  "
+            f"extra {r['extra_ms']:+7.1f} ms ({r['extra_pct']:+.1f}%)  median of {r['repeats']}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -12,8 +12,9 @@ CSLA class                     detrex parent
 
 detrex's DINO and DN-DETR criteria build their denoising indices (and the zero losses used when
 there is nothing to denoise) with hard-coded ``.cuda()``. The two twins here override exactly those
-methods (``compute_dn_loss`` / ``calculate_dn_loss``) with device-agnostic versions that create every
-tensor on the device of the predictions; the losses, normalisers and key names are the parent's.
+methods (``compute_dn_loss`` / ``calculate_dn_loss``) with device-agnostic versions that create
+every tensor on the device of the predictions; the losses, normalisers and key names are the
+parent's.
 """
 
 from typing import Dict, List, Sequence, Tuple
@@ -112,8 +113,14 @@ class CSLADINOCriterion(CSLAMixin, DINOCriterion):
         if dn_metas and "output_known_lbs_bboxes" in dn_metas:
             out = dn_metas["output_known_lbs_bboxes"]
             return _dn_losses(
-                self, out, targets, int(dn_metas["dn_num"]), int(dn_metas["single_padding"]),
-                aux_num, num_boxes, out["pred_logits"].device,
+                self,
+                out,
+                targets,
+                int(dn_metas["dn_num"]),
+                int(dn_metas["single_padding"]),
+                aux_num,
+                num_boxes,
+                out["pred_logits"].device,
             )
         return _dn_losses(self, None, targets, 0, 0, aux_num, num_boxes, _device_of(targets))
 
@@ -126,12 +133,19 @@ class CSLADNCriterion(CSLAMixin, DNCriterion):
         if outputs and "denoising_output" in outputs:
             out = outputs["denoising_output"]
             return _dn_losses(
-                self, out, targets, int(outputs["denoising_groups"]),
-                int(outputs["max_gt_num_per_image"]), aux_num, num_boxes,
+                self,
+                out,
+                targets,
+                int(outputs["denoising_groups"]),
+                int(outputs["max_gt_num_per_image"]),
+                aux_num,
+                num_boxes,
                 out["pred_logits"].device,
             )
         device = outputs["pred_logits"].device if outputs and "pred_logits" in outputs else None
-        return _dn_losses(self, None, targets, 0, 0, aux_num, num_boxes, device or _device_of(targets))
+        return _dn_losses(
+            self, None, targets, 0, 0, aux_num, num_boxes, device or _device_of(targets)
+        )
 
 
 def _device_of(targets) -> torch.device:

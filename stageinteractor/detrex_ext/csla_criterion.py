@@ -105,7 +105,8 @@ class CSLAMixin:
 
     * ``csla_enabled`` (bool): False runs the parent exactly (baseline, no pre-pass).
     * ``csla_scope`` ((lo, hi)): candidate stages of stage i are i+lo .. i+hi, clipped to the
-      decoder; None = unbounded. ``(-1, None)`` is the paper's ``[i-1, L]``; ``(0, 0)`` is own-stage.
+      decoder; None = unbounded. ``(-1, None)`` is the paper's ``[i-1, L]``; ``(0, 0)`` is the
+      own stage only.
     * ``csla_iou_threshold`` (float): a stage-j pair (q, t) joins stage i's target when
       IoU(box_i(q), gt_t) >= threshold (inclusive).
     * ``csla_cls_norm``: ``"max_positives"`` (authors: max(sum T_i, #matched_i), per stage,
@@ -133,7 +134,9 @@ class CSLAMixin:
                 f"got {self.loss_class_type!r}"
             )
         if csla_cls_norm not in CLS_NORMS:
-            raise ValueError(f"{name}: csla_cls_norm must be one of {CLS_NORMS}, got {csla_cls_norm!r}")
+            raise ValueError(
+                f"{name}: csla_cls_norm must be one of {CLS_NORMS}, got {csla_cls_norm!r}"
+            )
         scope = tuple(csla_scope)
         if len(scope) != 2:
             raise ValueError(f"{name}: csla_scope must be a pair (lo, hi), got {csla_scope!r}")
@@ -221,7 +224,9 @@ class CSLAMixin:
         multi_hot = self.assigner(matches, pred_boxes, gt_boxes, gt_classes, gt_mask)
 
         norms: List[Optional[float]] = [None] * num_stages
-        counts = torch.stack([multi_hot.flatten(1).sum(1), (matches >= 0).flatten(1).sum(1).float()])
+        counts = torch.stack(
+            [multi_hot.flatten(1).sum(1), (matches >= 0).flatten(1).sum(1).float()]
+        )
         if self.csla_cls_norm == "max_positives":
             world = _dist_sum_(counts)  # every rank, every call: collectives stay in lockstep
             norms = (counts.max(0).values / world).clamp(min=1).tolist()
@@ -249,7 +254,11 @@ class CSLAMixin:
         target, norm = payload
         norm = num_boxes if norm is None else norm
         loss = sigmoid_focal_loss(
-            src_logits, target.to(src_logits.dtype), num_boxes=norm, alpha=self.alpha, gamma=self.gamma
+            src_logits,
+            target.to(src_logits.dtype),
+            num_boxes=norm,
+            alpha=self.alpha,
+            gamma=self.gamma,
         )
         return {"loss_class": loss * src_logits.shape[1]}
 

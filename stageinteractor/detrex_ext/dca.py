@@ -20,13 +20,25 @@ from typing import Optional
 
 import torch.nn as nn
 
-from detrex.layers import FFN, BaseTransformerLayer, MultiheadAttention, MultiScaleDeformableAttention
+from detrex.layers import (
+    FFN,
+    BaseTransformerLayer,
+    MultiheadAttention,
+    MultiScaleDeformableAttention,
+)
 from projects.dino.modeling import DINOTransformerDecoder
 
 __all__ = ["DCADINOTransformerDecoder", "DCA_OPERATION_ORDER"]
 
 DCA_OPERATION_ORDER = (
-    "self_attn", "norm", "cross_attn", "norm", "cross_attn", "norm", "ffn", "norm",
+    "self_attn",
+    "norm",
+    "cross_attn",
+    "norm",
+    "cross_attn",
+    "norm",
+    "ffn",
+    "norm",
 )
 
 
@@ -61,9 +73,13 @@ class DCADINOTransformerDecoder(DINOTransformerDecoder):
             use_checkpoint=use_checkpoint,
         )
         if num_cross_attn < 1:
-            raise ValueError(f"DCADINOTransformerDecoder: num_cross_attn must be >= 1, got {num_cross_attn}")
+            raise ValueError(
+                f"DCADINOTransformerDecoder: num_cross_attn must be >= 1, got {num_cross_attn}"
+            )
         self.num_cross_attn = int(num_cross_attn)
-        order = ("self_attn", "norm") + ("cross_attn", "norm") * self.num_cross_attn + ("ffn", "norm")
+        order = (
+            ("self_attn", "norm") + ("cross_attn", "norm") * self.num_cross_attn + ("ffn", "norm")
+        )
         cross = [
             MultiScaleDeformableAttention(
                 embed_dim=embed_dim,
@@ -77,7 +93,10 @@ class DCADINOTransformerDecoder(DINOTransformerDecoder):
         layer = BaseTransformerLayer(
             attn=[
                 MultiheadAttention(
-                    embed_dim=embed_dim, num_heads=num_heads, attn_drop=attn_dropout, batch_first=True
+                    embed_dim=embed_dim,
+                    num_heads=num_heads,
+                    attn_drop=attn_dropout,
+                    batch_first=True,
                 ),
                 *cross,
             ],

@@ -30,7 +30,9 @@ class DeviceAgnosticDINO(DINO):
         num_classes: int,
         hidden_dim: int,
         label_enc: torch.nn.Module,
-    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[dict]]:
+    ) -> Tuple[
+        Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[dict]
+    ]:
         """Noised label/box queries, the (T, T) attention mask and ``dn_meta``.
 
         Returns ``(input_query_label (B, P, C), input_query_bbox (B, P, 4) in logit space,

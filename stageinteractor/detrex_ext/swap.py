@@ -93,11 +93,14 @@ def use_dca(model_cfg: Any, *, num_cross_attn: int = 2) -> Any:
     except (AttributeError, KeyError):
         dec = None
     if dec is None or "_target_" not in dec:
-        raise ValueError("use_dca: model config has no 'transformer.decoder' node with a '_target_'")
+        raise ValueError(
+            "use_dca: model config has no 'transformer.decoder' node with a '_target_'"
+        )
     target = _resolve(dec._target_)
     if target not in (DINOTransformerDecoder, DCADINOTransformerDecoder):
         raise ValueError(
-            f"use_dca: unsupported decoder {_qualname(target)!r} (model.transformer.decoder._target_);"
+            f"use_dca: unsupported decoder {_qualname(target)!r} "
+            "(model.transformer.decoder._target_);"
             f" supported: {[_qualname(DINOTransformerDecoder)]}"
         )
     dec._target_ = DCADINOTransformerDecoder

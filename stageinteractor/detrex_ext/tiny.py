@@ -25,8 +25,12 @@ def tiny_resnet_stages(norm: str = "FrozenBN"):
     for i, out_ch in enumerate(WIDTHS):
         stages.append(
             ResNet.make_stage(
-                BasicBlock, 1, in_channels=in_ch, out_channels=out_ch,
-                stride_per_block=[1 if i == 0 else 2], norm=norm,
+                BasicBlock,
+                1,
+                in_channels=in_ch,
+                out_channels=out_ch,
+                stride_per_block=[1 if i == 0 else 2],
+                norm=norm,
             )
         )
         in_ch = out_ch
@@ -34,7 +38,7 @@ def tiny_resnet_stages(norm: str = "FrozenBN"):
 
 
 def model_kind(model_cfg) -> str:
-    """"dino", "dn", "hdetr" or "deform" from the model's ``_target_`` class name."""
+    """ "dino", "dn", "hdetr" or "deform" from the model's ``_target_`` class name."""
     target = model_cfg._target_
     name = target if isinstance(target, str) else target.__name__
     name = name.rsplit(".", 1)[-1]
@@ -46,8 +50,10 @@ def model_kind(model_cfg) -> str:
         return "hdetr"
     if name == "DeformableDETR":
         return "deform"
-    raise ValueError(f"model_kind: unsupported model {name!r} (expected DINO, DNDETR, "
-                     "DeformableDETR or HDeformableDETR)")
+    raise ValueError(
+        f"model_kind: unsupported model {name!r} (expected DINO, DNDETR, "
+        "DeformableDETR or HDeformableDETR)"
+    )
 
 
 def shrink_model_cfg(model_cfg, num_classes: int = 5, decoder_layers: int = 3):

@@ -1,4 +1,4 @@
-"""Shared builders for the detrex-layer tests: random criterion outputs, targets, counting matcher."""
+"""Shared builders for the detrex-layer tests: random outputs, targets, counting matcher."""
 
 import contextlib
 from typing import Dict, List
@@ -7,8 +7,10 @@ import torch
 import torch.nn as nn
 
 
-def rand_stage(batch: int, queries: int, classes: int, gen: torch.Generator) -> Dict[str, torch.Tensor]:
-    """One stage's outputs: logits (B, Q, K) and cxcywh boxes in (0, 1) with w, h in [0.05, 0.45]."""
+def rand_stage(
+    batch: int, queries: int, classes: int, gen: torch.Generator
+) -> Dict[str, torch.Tensor]:
+    """One stage: logits (B, Q, K) and cxcywh boxes in (0, 1) with w, h in [0.05, 0.45]."""
     logits = torch.randn(batch, queries, classes, generator=gen, requires_grad=True)
     centre = 0.25 + 0.5 * torch.rand(batch, queries, 2, generator=gen)
     size = 0.05 + 0.4 * torch.rand(batch, queries, 2, generator=gen)
@@ -60,8 +62,12 @@ def hungarian():
     from detrex.modeling.matcher import HungarianMatcher
 
     return HungarianMatcher(
-        cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, cost_class_type="focal_loss_cost",
-        alpha=0.25, gamma=2.0,
+        cost_class=2.0,
+        cost_bbox=5.0,
+        cost_giou=2.0,
+        cost_class_type="focal_loss_cost",
+        alpha=0.25,
+        gamma=2.0,
     )
 
 
@@ -85,7 +91,7 @@ def cuda_calls_are_noops():
 
 
 def assert_same_losses(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor], atol=1e-6):
-    assert sorted(got) == sorted(want), (sorted(set(got) ^ set(want)))
+    assert sorted(got) == sorted(want), sorted(set(got) ^ set(want))
     for k in want:
         g, w = torch.as_tensor(got[k]).float(), torch.as_tensor(want[k]).float()
         assert torch.allclose(g, w, atol=atol, rtol=0), (k, g.item(), w.item())

@@ -12,7 +12,9 @@ from detrex.modeling.criterion.criterion import SetCriterion  # noqa: E402
 from projects.deformable_detr.modeling import DeformableCriterion  # noqa: E402
 from projects.dino.modeling import DINOCriterion  # noqa: E402
 from projects.dn_detr.modeling import DNCriterion  # noqa: E402
-from projects.h_deformable_detr.modeling import DeformableCriterion as HDeformableCriterion  # noqa: E402
+from projects.h_deformable_detr.modeling import (
+    DeformableCriterion as HDeformableCriterion,
+)  # noqa: E402
 
 from detrex_csla_helpers import (  # noqa: E402
     assert_same_losses,

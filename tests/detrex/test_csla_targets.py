@@ -62,16 +62,19 @@ class FixedMatcher(torch.nn.Module):
 
 def _toy(**switches):
     matcher = FixedMatcher()
-    crit = CSLASetCriterion(
-        num_classes=K, matcher=matcher, weight_dict=dict(WEIGHTS), **switches
-    )
+    crit = CSLASetCriterion(num_classes=K, matcher=matcher, weight_dict=dict(WEIGHTS), **switches)
     stages = [
-        {"pred_logits": torch.zeros(1, 3, K), "pred_boxes": torch.tensor([[_cxcywh(*b) for b in boxes]])}
+        {
+            "pred_logits": torch.zeros(1, 3, K),
+            "pred_boxes": torch.tensor([[_cxcywh(*b) for b in boxes]]),
+        }
         for boxes in STAGE_BOXES
     ]
     matcher.stage_logits = [s["pred_logits"] for s in stages]
     outputs = dict(stages[-1], aux_outputs=stages[:-1])
-    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([_cxcywh(*G0), _cxcywh(*G1)])}]
+    targets = [
+        {"labels": torch.tensor([1, 3]), "boxes": torch.tensor([_cxcywh(*G0), _cxcywh(*G1)])}
+    ]
     return crit, outputs, targets, matcher
 
 
@@ -121,9 +124,12 @@ def test_loss_uses_multi_hot_and_normaliser():
     for st in crit.decoder_stages(outputs):
         st["pred_logits"].normal_()
     losses = crit(outputs, targets)
-    want0 = sigmoid_focal_loss(
-        outputs["aux_outputs"][0]["pred_logits"], _hot([(0, 1), (1, 3), (2, 1)]), 3.0
-    ) * 3
+    want0 = (
+        sigmoid_focal_loss(
+            outputs["aux_outputs"][0]["pred_logits"], _hot([(0, 1), (1, 3), (2, 1)]), 3.0
+        )
+        * 3
+    )
     want1 = sigmoid_focal_loss(outputs["pred_logits"], _hot([(2, 1)]), 2.0) * 3
     assert torch.allclose(losses["loss_class_0"], want0, atol=1e-6)
     assert torch.allclose(losses["loss_class"], want1, atol=1e-6)
@@ -159,7 +165,8 @@ def test_matcher_runs_once_per_stage_plus_encoder():
     # H-DETR: one-to-one call (S + enc) then one-to-many call (S)
     many = rand_decoder(2, 20, K, S, gen)
     outputs.update(
-        pred_logits_one2many=many["pred_logits"], pred_boxes_one2many=many["pred_boxes"],
+        pred_logits_one2many=many["pred_logits"],
+        pred_boxes_one2many=many["pred_boxes"],
         aux_outputs_one2many=many["aux_outputs"],
     )
     for on_one2many in (False, True):
@@ -168,8 +175,14 @@ def test_matcher_runs_once_per_stage_plus_encoder():
             num_classes=K, matcher=counter, weight_dict=dict(WEIGHTS), csla_on_one2many=on_one2many
         )
         crit(outputs, targets)
-        crit({"pred_logits": many["pred_logits"], "pred_boxes": many["pred_boxes"],
-              "aux_outputs": many["aux_outputs"]}, targets)
+        crit(
+            {
+                "pred_logits": many["pred_logits"],
+                "pred_boxes": many["pred_boxes"],
+                "aux_outputs": many["aux_outputs"],
+            },
+            targets,
+        )
         assert counter.calls == 2 * S + 1
 
 
@@ -186,15 +199,21 @@ def test_diagnostics_go_to_event_storage_not_loss_dict():
         names = set(storage.latest())
     assert sorted(losses) == sorted(losses_logged)
     assert all(k.startswith("loss_") for k in losses_logged)
-    assert {"csla/positives_s0", "csla/positives_s2", "csla/instability_s0_s1",
-            "csla/instability_s1_s2"} <= names
+    assert {
+        "csla/positives_s0",
+        "csla/positives_s2",
+        "csla/instability_s0_s1",
+        "csla/instability_s1_s2",
+    } <= names
 
 
 def test_bad_switches_are_rejected():
     with pytest.raises(ValueError, match="csla_cls_norm"):
         CSLASetCriterion(num_classes=K, matcher=hungarian(), weight_dict={}, csla_cls_norm="mean")
     with pytest.raises(ValueError, match="focal_loss"):
-        CSLASetCriterion(num_classes=K, matcher=hungarian(), weight_dict={}, loss_class_type="ce_loss")
+        CSLASetCriterion(
+            num_classes=K, matcher=hungarian(), weight_dict={}, loss_class_type="ce_loss"
+        )
     with pytest.raises(ValueError, match="csla_iou_threshold"):
         CSLASetCriterion(num_classes=K, matcher=hungarian(), weight_dict={}, csla_iou_threshold=1.5)
 
@@ -206,7 +225,9 @@ def test_disabled_is_the_parent():
     outputs = rand_decoder(2, 10, K, 3, gen)
     targets = rand_targets([2, 3], K, gen)
     base = SetCriterion(num_classes=K, matcher=hungarian(), weight_dict=dict(WEIGHTS))
-    ours = CSLASetCriterion(num_classes=K, matcher=hungarian(), weight_dict=dict(WEIGHTS), csla_enabled=False)
+    ours = CSLASetCriterion(
+        num_classes=K, matcher=hungarian(), weight_dict=dict(WEIGHTS), csla_enabled=False
+    )
     want, got = base(outputs, targets), ours(outputs, targets)
     assert all(torch.equal(got[k], want[k]) for k in want) and sorted(got) == sorted(want)
 
@@ -218,12 +239,18 @@ def test_h_detr_one2many_branch_is_left_to_detrex_unless_asked():
     S = 3
     outputs = rand_decoder(2, 10, K, S, gen)
     many = rand_decoder(2, 20, K, S, gen)
-    outputs.update(pred_logits_one2many=many["pred_logits"], pred_boxes_one2many=many["pred_boxes"],
-                   aux_outputs_one2many=many["aux_outputs"])
+    outputs.update(
+        pred_logits_one2many=many["pred_logits"],
+        pred_boxes_one2many=many["pred_boxes"],
+        aux_outputs_one2many=many["aux_outputs"],
+    )
     targets = rand_targets([2, 3], K, gen)
     multi = [{"labels": t["labels"].repeat(2), "boxes": t["boxes"].repeat(2, 1)} for t in targets]
-    second = {"pred_logits": many["pred_logits"], "pred_boxes": many["pred_boxes"],
-              "aux_outputs": many["aux_outputs"]}
+    second = {
+        "pred_logits": many["pred_logits"],
+        "pred_boxes": many["pred_boxes"],
+        "aux_outputs": many["aux_outputs"],
+    }
     base = DeformableCriterion(num_classes=K, matcher=hungarian(), weight_dict=dict(WEIGHTS))
     want = base(second, multi)
     results = {}

@@ -26,12 +26,20 @@ from stageinteractor.detrex_ext.detrex_configs import load_detrex_project_config
 DETREX_CONFIGS = [
     ("projects/dino/configs/dino-resnet/dino_r50_4scale_12ep.py", CSLADINOCriterion),
     ("projects/dn_detr/configs/dn_detr_r50_50ep.py", CSLADNCriterion),
-    ("projects/deformable_detr/configs/deformable_detr_r50_two_stage_50ep.py", CSLADeformableCriterion),
-    ("projects/h_deformable_detr/configs/h_deformable_detr_r50_two_stage_12ep.py", CSLAHDeformableCriterion),
+    (
+        "projects/deformable_detr/configs/deformable_detr_r50_two_stage_50ep.py",
+        CSLADeformableCriterion,
+    ),
+    (
+        "projects/h_deformable_detr/configs/h_deformable_detr_r50_two_stage_12ep.py",
+        CSLAHDeformableCriterion,
+    ),
 ]
 
 
-@pytest.mark.parametrize("path,twin", DETREX_CONFIGS, ids=[p.split("/")[1] for p, _ in DETREX_CONFIGS])
+@pytest.mark.parametrize(
+    "path,twin", DETREX_CONFIGS, ids=[p.split("/")[1] for p, _ in DETREX_CONFIGS]
+)
 def test_use_csla_on_detrex_configs(path, twin):
     cfg = load_detrex_project_config(path)
     original = dict(cfg.model.criterion.weight_dict)
@@ -41,7 +49,9 @@ def test_use_csla_on_detrex_configs(path, twin):
     assert type(crit) is twin
     assert dict(crit.weight_dict) == original  # every aux/_enc/_dn key kept, same weights
     assert fields <= set(cfg.model.criterion)
-    assert isinstance(crit.matcher, CachedMatcher) and isinstance(crit.matcher.inner, HungarianMatcher)
+    assert isinstance(crit.matcher, CachedMatcher) and isinstance(
+        crit.matcher.inner, HungarianMatcher
+    )
     assert crit.csla_iou_threshold == 0.6 and crit.csla_scope == (-1, None)
     assert crit.csla_cls_norm == "max_positives"
     repr(crit)  # detrex's train_net prints the model
@@ -53,10 +63,15 @@ def test_use_csla_on_detrex_configs(path, twin):
 def test_use_csla_rejects_unsupported_criterion():
     cfg = load_detrex_project_config("projects/dn_detr/configs/dn_detr_r50_50ep.py")
     cfg.model.criterion = L(torch.nn.Identity)()
-    with pytest.raises(ValueError, match=r"unsupported criterion 'torch.nn.modules.linear.Identity'.*DINOCriterion"):
+    with pytest.raises(
+        ValueError, match=r"unsupported criterion 'torch.nn.modules.linear.Identity'.*DINOCriterion"
+    ):
         use_csla(cfg.model)
     with pytest.raises(ValueError, match="cls_norm"):
-        use_csla(load_detrex_project_config("projects/dn_detr/configs/dn_detr_r50_50ep.py").model, cls_norm="x")
+        use_csla(
+            load_detrex_project_config("projects/dn_detr/configs/dn_detr_r50_50ep.py").model,
+            cls_norm="x",
+        )
 
 
 def test_use_dca_structure():
@@ -67,7 +82,14 @@ def test_use_dca_structure():
     dca = instantiate(cfg.model.transformer.decoder)
     layer = dca.layers[0]
     assert layer.operation_order == (
-        "self_attn", "norm", "cross_attn", "norm", "cross_attn", "norm", "ffn", "norm"
+        "self_attn",
+        "norm",
+        "cross_attn",
+        "norm",
+        "cross_attn",
+        "norm",
+        "ffn",
+        "norm",
     )
     assert len(layer.attentions) == 3 and len(layer.norms) == 4
     assert dca.layers[0].attentions[2] is not dca.layers[1].attentions[2]
@@ -91,14 +113,28 @@ def test_device_agnostic_dino_matches_detrex_denoising():
     assert cfg.model._target_ is DeviceAgnosticDINO
     gen = torch.Generator().manual_seed(0)
     targets = [
-        {"labels": torch.randint(0, 80, (n,), generator=gen),
-         "boxes": torch.cat([0.3 + 0.4 * torch.rand(n, 2, generator=gen),
-                             0.05 + 0.3 * torch.rand(n, 2, generator=gen)], 1)}
+        {
+            "labels": torch.randint(0, 80, (n,), generator=gen),
+            "boxes": torch.cat(
+                [
+                    0.3 + 0.4 * torch.rand(n, 2, generator=gen),
+                    0.05 + 0.3 * torch.rand(n, 2, generator=gen),
+                ],
+                1,
+            ),
+        }
         for n in (3, 1, 0)
     ]
     label_enc = torch.nn.Embedding(80, 16)
-    args = dict(dn_number=5, label_noise_ratio=0.5, box_noise_scale=1.0, num_queries=7,
-                num_classes=80, hidden_dim=16, label_enc=label_enc)
+    args = dict(
+        dn_number=5,
+        label_noise_ratio=0.5,
+        box_noise_scale=1.0,
+        num_queries=7,
+        num_classes=80,
+        hidden_dim=16,
+        label_enc=label_enc,
+    )
     torch.manual_seed(3)
     ours = DeviceAgnosticDINO.prepare_for_cdn(None, targets, **args)
     torch.manual_seed(3)
@@ -141,12 +177,20 @@ def test_transfer_config_is_detrex_baseline_plus_csla(path):
     assert crit.csla_enabled and crit.csla_iou_threshold == 0.5 and crit.csla_scope == (-1, None)
 
 
-@pytest.mark.parametrize("name,base_rel", [
-    ("dino_r50_4scale_12ep_csla.py", "projects/dino/configs/dino-resnet/dino_r50_4scale_12ep.py"),
-    ("dn_detr_r50_50ep_csla.py", "projects/dn_detr/configs/dn_detr_r50_50ep.py"),
-    ("h_deformable_detr_r50_two_stage_12ep_csla.py",
-     "projects/h_deformable_detr/configs/h_deformable_detr_r50_two_stage_12ep.py"),
-])
+@pytest.mark.parametrize(
+    "name,base_rel",
+    [
+        (
+            "dino_r50_4scale_12ep_csla.py",
+            "projects/dino/configs/dino-resnet/dino_r50_4scale_12ep.py",
+        ),
+        ("dn_detr_r50_50ep_csla.py", "projects/dn_detr/configs/dn_detr_r50_50ep.py"),
+        (
+            "h_deformable_detr_r50_two_stage_12ep_csla.py",
+            "projects/h_deformable_detr/configs/h_deformable_detr_r50_two_stage_12ep.py",
+        ),
+    ],
+)
 def test_csla_model_checkpoints_are_detrex_checkpoints(name, base_rel):
     """Same state-dict keys and shapes as detrex's model (tiny sizes): checkpoints interchange."""
     import os

@@ -1,4 +1,5 @@
-# Deformable-DETR-R50, 50 epochs, + CSLA (paper Tab. 4: 46.8 AP vs 46.1; detrex's plain baseline is 44.9).
+# Deformable-DETR-R50, 50 epochs, + CSLA (paper Tab. 4: 46.8 AP vs 46.1;
+# detrex's plain baseline is 44.9).
 #
 # The baseline is detrex's own config, loaded unchanged from the detrex checkout:
 #   projects/deformable_detr/configs/deformable_detr_r50_50ep.py

@@ -9,7 +9,9 @@
 from stageinteractor.detrex_ext import use_csla
 from stageinteractor.detrex_ext.detrex_configs import load_detrex_project_config
 
-_base = load_detrex_project_config("projects/deformable_detr/configs/deformable_detr_r50_with_box_refinement_50ep.py")
+_base = load_detrex_project_config(
+    "projects/deformable_detr/configs/deformable_detr_r50_with_box_refinement_50ep.py"
+)
 
 dataloader = _base.dataloader
 optimizer = _base.optimizer

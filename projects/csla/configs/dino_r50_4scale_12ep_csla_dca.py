@@ -3,7 +3,8 @@
 # The baseline is detrex's own config, loaded unchanged from the detrex checkout:
 #   projects/dino/configs/dino-resnet/dino_r50_4scale_12ep.py
 # Model changes vs the baseline: the criterion's _target_ (use_csla keeps the matcher, the
-# expanded weight_dict and every other field) plus the dual cross-attention decoder, and DINO -> DeviceAgnosticDINO.
+# expanded weight_dict and every other field), the dual cross-attention decoder, and
+# DINO -> DeviceAgnosticDINO.
 
 from stageinteractor.detrex_ext import use_csla, use_dca, use_device_agnostic_dino
 from stageinteractor.detrex_ext.detrex_configs import load_detrex_project_config

@@ -8,7 +8,9 @@
 from stageinteractor.detrex_ext import use_csla, use_device_agnostic_dino
 from stageinteractor.detrex_ext.detrex_configs import load_detrex_project_config
 
-_base = load_detrex_project_config("projects/dino/configs/dino-swin/dino_swin_base_384_4scale_12ep.py")
+_base = load_detrex_project_config(
+    "projects/dino/configs/dino-swin/dino_swin_base_384_4scale_12ep.py"
+)
 
 dataloader = _base.dataloader
 optimizer = _base.optimizer

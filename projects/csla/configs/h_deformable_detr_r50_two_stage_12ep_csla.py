@@ -9,7 +9,9 @@
 from stageinteractor.detrex_ext import use_csla
 from stageinteractor.detrex_ext.detrex_configs import load_detrex_project_config
 
-_base = load_detrex_project_config("projects/h_deformable_detr/configs/h_deformable_detr_r50_two_stage_12ep.py")
+_base = load_detrex_project_config(
+    "projects/h_deformable_detr/configs/h_deformable_detr_r50_two_stage_12ep.py"
+)
 
 dataloader = _base.dataloader
 optimizer = _base.optimizer
