@@ -418,10 +418,17 @@ def report(state, failures):
     dx = ok(state, "detrex") and ok(state, "projects.dino.modeling")
     m = state["mods"]
     say("-" * 72)
+    where = "not installed; the make targets use this checkout via PYTHONPATH"
+    if ok(state, "stageinteractor"):
+        installed = Path(m["stageinteractor"]["file"]).resolve().parent.parent
+        where = "installed from %s" % installed
+        if installed != REPO:
+            where += "; the make targets use this checkout (%s) via PYTHONPATH" % REPO
     say("layer core       : ready (torch %s, stageinteractor %s)" % (
-        m["torch"].get("version"),
-        "installed" if ok(state, "stageinteractor") else "from PYTHONPATH only",
-    ))
+        m["torch"].get("version"), where))
+    if (REPO / "projects" / "__init__.py").exists():
+        say("WARNING: projects/__init__.py makes this repository's projects/ a regular package, "
+            "which hides detrex's `projects` namespace (projects.dino, ...) when run from here")
     if d2:
         say("layer detectron2 : ready (detectron2 %s at %s)" % (
             m["detectron2"].get("version"), Path(m["detectron2"]["file"]).parent))
