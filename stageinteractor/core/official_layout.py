@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -26,6 +26,7 @@ from torch import Tensor
 __all__ = [
     "DecoderHParams",
     "KeyMap",
+    "FusedMap",
     "official_decoder_layout",
     "decoder_key_maps",
     "identity",
@@ -100,6 +101,33 @@ class KeyMap:
     reason: str = ""
     fill: Optional[Callable[[], Tensor]] = None
     must_be_zero: bool = False
+
+
+@dataclass(frozen=True)
+class FusedMap:
+    """Several official tensors stored as ONE tensor of ours, concatenated per channel group.
+
+    Each official part has ``G * r_i`` rows (g-major, r_i rows per group); ours has, for every
+    group g, the parts' group-g rows one after the other (``G * sum(r_i)`` rows). Weights
+    (rows, D) and biases (rows,) alike. Our mixing layer fuses all its content-conditioned
+    generators (filters, dynamic biases, adapter gates) into one Linear this way.
+    """
+
+    ours: str
+    officials: Tuple[str, ...]
+    shapes: Tuple[Shape, ...]
+    groups: int
+
+    def fuse(self, parts: Sequence[Tensor]) -> Tensor:
+        G = self.groups
+        per_group = [p.reshape(G, p.shape[0] // G, *p.shape[1:]) for p in parts]
+        return torch.cat(per_group, dim=1).reshape(-1, *parts[0].shape[1:]).contiguous()
+
+    def split(self, t: Tensor) -> List[Tensor]:
+        G = self.groups
+        rows = [s[0] // G for s in self.shapes]
+        pieces = t.reshape(G, sum(rows), *t.shape[1:]).split(rows, dim=1)
+        return [p.reshape(-1, *t.shape[1:]).contiguous() for p in pieces]
 
 
 def _stage_layout(hp: DecoderHParams, s: int) -> "OrderedDict[str, Shape]":
@@ -189,12 +217,52 @@ def _const_fill(shape: Shape, value: float, dtype=torch.float32) -> Callable[[],
     return lambda: torch.full(shape, value, dtype=dtype)
 
 
-def decoder_key_maps(hp: DecoderHParams = DecoderHParams()) -> List[KeyMap]:
-    """One :class:`KeyMap` per official decoder key (state-dict order)."""
-    maps: List[KeyMap] = []
-    for key, shape in official_decoder_layout(hp).items():
-        maps.append(_map_one(key, shape, hp))
+# official generator layers of one stage, in the per-group block order of our fused
+# ``generator`` of DecoderStage (core/stage.py ``generator_layout``: sampler offsets | M, S |
+# b_M, b_S | beta | gates | u, v; official sources in ``stage.OFFICIAL_GENERATOR_SOURCES``)
+_FUSED_GENERATOR_PARTS = (
+    "feat_extractor.gen_one_d.0",
+    "dynamic_conv.parameter_generator",
+    "dynamic_conv.mix_bias",
+    "dynamic_conv.M_score_list_mix_bias",
+    "dynamic_conv.M_score_list",
+    "dynamic_conv.S_score_list",
+    "dynamic_conv.S_score_list2",
+)
+_FUSED_GENERATOR_OURS = "generator"
+
+
+def decoder_key_maps(hp: DecoderHParams = DecoderHParams()) -> List[Union[KeyMap, FusedMap]]:
+    """How every official decoder key maps to ours: a :class:`KeyMap` per one-to-one (or
+    dropped) key and a :class:`FusedMap` per fused tensor of ours (listed at its first part)."""
+    layout = official_decoder_layout(hp)
+    maps: List[Union[KeyMap, FusedMap]] = []
+    fused_done = set()
+    for key, shape in layout.items():
+        fused = _fused_generator(key, layout, hp)
+        if fused is None:
+            maps.append(_map_one(key, shape, hp))
+        elif fused.ours not in fused_done:
+            fused_done.add(fused.ours)
+            maps.append(fused)
     return maps
+
+
+def _fused_generator(key: str, layout: Dict[str, Shape], hp: DecoderHParams) -> Optional[FusedMap]:
+    if not key.startswith("roi_head.bbox_head."):
+        return None
+    _, s, rest = _split_stage(key)
+    base, _, leaf = rest.rpartition(".")
+    if base not in _FUSED_GENERATOR_PARTS:
+        return None
+    head = f"roi_head.bbox_head.{s}."
+    officials = tuple(f"{head}{p}.{leaf}" for p in _FUSED_GENERATOR_PARTS if f"{head}{p}.{leaf}" in layout)
+    return FusedMap(
+        ours=f"{OURS_STAGES_PREFIX}.{s}.{_FUSED_GENERATOR_OURS}.{leaf}",
+        officials=officials,
+        shapes=tuple(layout[k] for k in officials),
+        groups=hp.groups,
+    )
 
 
 def _map_one(key: str, shape: Shape, hp: DecoderHParams) -> KeyMap:
@@ -252,19 +320,12 @@ _STAGE_RENAMES: Dict[str, str] = {
     "cls_fcs.1.": "cls_norm.",
     "reg_fcs.0.": "reg_fc.",
     "reg_fcs.1.": "reg_norm.",
-    "dynamic_conv.mix_bias.": "mixing.mix_bias.",
-    "dynamic_conv.parameter_generator.": "mixing.parameter_generator.",
     "dynamic_conv.Wv_layer_norm.": "mixing.out_norm.",
     "dynamic_conv.Wv.": "mixing.out_proj.",
-    "dynamic_conv.M_score_list_mix_bias.": "mixing.reuse_bias.",
-    "dynamic_conv.M_score_list.": "mixing.channel_gates.",
-    "dynamic_conv.S_score_list2.": "mixing.spatial_col_gates.",
-    "dynamic_conv.S_score_list.": "mixing.spatial_row_gates.",
     "attention.attn.in_proj_weight": "attention.in_proj_weight",
     "attention.attn.in_proj_bias": "attention.in_proj_bias",
     "attention.attn.out_proj.": "attention.out_proj.",
     "attention_norm.": "attention_norm.",
-    "feat_extractor.gen_one_d.0.": "sampler.gen_one_d.",
     "feat_extractor.gen_double_d.0.": "sampler.gen_double_d.",
 }
 _STAGE_LIST_RENAMES = [
@@ -295,36 +356,41 @@ def decoder_official_to_ours(
     Returns ``(state dict relative to the decoder module, {dropped official key: reason})``.
     Raises KeyError naming the first missing/unknown key and ValueError on a shape mismatch.
     """
-    maps = decoder_key_maps(hp)
-    known = {m.official for m in maps}
-    for k in sd:
-        if k not in known:
-            raise KeyError(f"unknown official decoder key {k!r} (shape {list(sd[k].shape)})")
+    layout = official_decoder_layout(hp)
+    for k, v in sd.items():
+        if k not in layout:
+            raise KeyError(f"unknown official decoder key {k!r} (shape {list(v.shape)})")
+    for k, shape in layout.items():
+        if k not in sd:
+            raise KeyError(f"missing official decoder key {k!r} (expected shape {list(shape)})")
+        if tuple(sd[k].shape) != shape:
+            raise ValueError(f"shape mismatch for {k!r}: found {list(sd[k].shape)}, expected {list(shape)}")
     out: "OrderedDict[str, Tensor]" = OrderedDict()
     dropped: Dict[str, str] = {}
-    for m in maps:
-        if m.official not in sd:
-            raise KeyError(f"missing official decoder key {m.official!r} (expected shape {list(m.shape)})")
-        v = sd[m.official]
-        if tuple(v.shape) != m.shape:
-            raise ValueError(f"shape mismatch for {m.official!r}: found {list(v.shape)}, expected {list(m.shape)}")
-        if m.ours is None:
+    for m in decoder_key_maps(hp):
+        if isinstance(m, FusedMap):
+            out[m.ours] = m.fuse([sd[k] for k in m.officials])
+        elif m.ours is None:
             dropped[m.official] = m.reason
         else:
-            out[m.ours] = m.to_ours(v).contiguous()
+            out[m.ours] = m.to_ours(sd[m.official]).contiguous()
     return out, dropped
 
 
 def decoder_ours_to_official(
     sd: Dict[str, Tensor], hp: DecoderHParams = DecoderHParams()
 ) -> "OrderedDict[str, Tensor]":
-    """Our decoder state dict -> official layout (dead layers zero, constant buffers regenerated)."""
-    out: "OrderedDict[str, Tensor]" = OrderedDict()
+    """Our decoder state dict -> official layout (dead layers zero, constant buffers
+    regenerated), in the official state-dict order."""
+    values: Dict[str, Tensor] = {}
     for m in decoder_key_maps(hp):
-        if m.ours is None:
-            out[m.official] = m.fill()
+        ours = m.ours
+        if ours is not None and ours not in sd:
+            raise KeyError(f"missing decoder key {ours!r}")
+        if isinstance(m, FusedMap):
+            values.update(zip(m.officials, m.split(sd[ours])))
+        elif ours is None:
+            values[m.official] = m.fill()
         else:
-            if m.ours not in sd:
-                raise KeyError(f"missing decoder key {m.ours!r} (maps to official {m.official!r} {list(m.shape)})")
-            out[m.official] = m.to_official(sd[m.ours]).contiguous()
-    return out
+            values[m.official] = m.to_official(sd[ours]).contiguous()
+    return OrderedDict((k, values[k]) for k in official_decoder_layout(hp))

@@ -26,13 +26,14 @@ import tempfile
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, MutableMapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from stageinteractor.core.official_layout import (
     DecoderHParams,
+    FusedMap,
     KeyMap,
     decoder_key_maps,
     official_decoder_layout,
@@ -277,14 +278,17 @@ def _neck_map(key: str, shape: Shape) -> KeyMap:
     return KeyMap(key, shape, key.replace(".conv.", ".", 1) if ".lateral_convs." in key else key)
 
 
-def key_maps(kind: str, num_queries: int, hp: Optional[DecoderHParams] = None) -> List[KeyMap]:
-    """One :class:`KeyMap` per official key of the whole detector; ``ours`` keys are full
-    model keys (``backbone.``, ``neck.``, ``decoder.`` prefixes)."""
+def key_maps(kind: str, num_queries: int, hp: Optional[DecoderHParams] = None) -> List[Union[KeyMap, FusedMap]]:
+    """How every official key of the whole detector maps to ours (full model keys with the
+    ``backbone.``, ``neck.``, ``decoder.`` prefixes): one-to-one :class:`KeyMap` s (or dropped
+    keys) and :class:`FusedMap` s (several official tensors -> one of ours)."""
     hp = hp or DecoderHParams(num_queries=num_queries)
-    maps = [_backbone_map(kind, k, s) for k, s in official_backbone_layout(kind).items()]
+    maps: List[Union[KeyMap, FusedMap]] = [_backbone_map(kind, k, s) for k, s in official_backbone_layout(kind).items()]
     maps += [_neck_map(k, s) for k, s in official_neck_layout(_neck_in_channels(kind)).items()]
     for m in decoder_key_maps(hp):
-        if m.ours is not None:
+        if isinstance(m, FusedMap):
+            m = FusedMap("decoder." + m.ours, m.officials, m.shapes, m.groups)
+        elif m.ours is not None:
             m = KeyMap(m.official, m.shape, "decoder." + m.ours, m.to_ours, m.to_official,
                        m.reason, m.fill, m.must_be_zero)
         maps.append(m)
@@ -433,24 +437,27 @@ def convert_official_to_ours(
         raise ConversionError(f"{source}: " + _describe_other(sd, meta))
     kind = detect_backbone(sd, source)
     num_queries = int(sd["rpn_head.init_content_features.weight"].shape[0])
-    maps = key_maps(kind, num_queries, hp)
-    by_key = {m.official: m for m in maps}
+    hp = hp or DecoderHParams(num_queries=num_queries)
+    layout = official_layout(kind, num_queries, hp)
     for k, v in sd.items():
-        if k not in by_key:
+        if k not in layout:
             raise ConversionError(
                 f"{source}: unknown key {k!r} (shape {list(_shape(v))}); it is not in the official "
                 f"StageInteractor {kind} layout with {num_queries} queries (expected shape: none)")
-        exp = by_key[k].shape
-        if _shape(v) != exp:
-            raise ConversionError(f"{source}: shape mismatch for {k!r}: found {list(_shape(v))}, expected {list(exp)}")
-    for m in maps:
-        if m.official not in sd:
-            raise ConversionError(f"{source}: missing key {m.official!r} (found: none, expected shape {list(m.shape)})")
+        if _shape(v) != layout[k]:
+            raise ConversionError(f"{source}: shape mismatch for {k!r}: found {list(_shape(v))}, expected {list(layout[k])}")
+    for k, shape in layout.items():
+        if k not in sd:
+            raise ConversionError(f"{source}: missing key {k!r} (found: none, expected shape {list(shape)})")
 
     report = ConversionReport(backbone=kind, num_queries=num_queries)
     out: "OrderedDict[str, Tensor]" = OrderedDict()
     nonzero_dead: List[str] = []
-    for m in maps:
+    for m in key_maps(kind, num_queries, hp):
+        if isinstance(m, FusedMap):
+            out[m.ours] = m.fuse([sd[k].detach() for k in m.officials])
+            report.mapped.extend((k, m.ours) for k in m.officials)
+            continue
         v = sd[m.official]
         if m.ours is None:
             report.dropped[m.official] = m.reason
@@ -475,26 +482,35 @@ def convert_ours_to_official(
                               f"(missing 'decoder.{_content_key()}'; first keys: {list(sd)[:3]})")
     kind = _detect_our_backbone(sd, source)
     num_queries = int(sd["decoder." + _content_key()].shape[0])
+    hp = hp or DecoderHParams(num_queries=num_queries)
     maps = key_maps(kind, num_queries, hp)
     expected_ours = {m.ours for m in maps if m.ours is not None}
     for k, v in sd.items():
         if k not in expected_ours:
             raise ConversionError(f"{source}: unknown key {k!r} (shape {list(_shape(v))}) for a {kind} "
                                   f"model with {num_queries} queries (expected shape: none)")
-    out: "OrderedDict[str, Tensor]" = OrderedDict()
+    values: Dict[str, Tensor] = {}
     for m in maps:
         if m.ours is None:
-            out[m.official] = m.fill()
+            values[m.official] = m.fill()
             continue
         if m.ours not in sd:
-            raise ConversionError(f"{source}: missing key {m.ours!r} (found: none, expected shape "
-                                  f"of official {m.official!r}: {list(m.shape)})")
+            officials = m.officials if isinstance(m, FusedMap) else (m.official,)
+            raise ConversionError(f"{source}: missing key {m.ours!r} (found: none; it holds official "
+                                  f"{list(officials)})")
+        if isinstance(m, FusedMap):
+            want = (sum(s[0] for s in m.shapes),) + tuple(m.shapes[0][1:])
+            if _shape(sd[m.ours]) != want:
+                raise ConversionError(f"{source}: shape mismatch for {m.ours!r}: found {list(_shape(sd[m.ours]))}, "
+                                      f"expected {list(want)}")
+            values.update(zip(m.officials, m.split(sd[m.ours].detach())))
+            continue
         v = m.to_official(sd[m.ours].detach()).contiguous()
         if _shape(v) != m.shape:
             raise ConversionError(f"{source}: shape mismatch for {m.ours!r}: found {list(_shape(sd[m.ours]))}, "
                                   f"expected the shape that maps to {m.official!r} {list(m.shape)}")
-        out[m.official] = v
-    return out
+        values[m.official] = v
+    return OrderedDict((k, values[k]) for k in official_layout(kind, num_queries, hp))
 
 
 def _content_key() -> str:

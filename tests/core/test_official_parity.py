@@ -32,6 +32,8 @@ from stageinteractor.core import (
 )
 from stageinteractor.core.official_layout import (
     DecoderHParams,
+    FusedMap,
+    decoder_key_maps,
     decoder_official_to_ours,
     decoder_ours_to_official,
     official_decoder_layout,
@@ -162,11 +164,16 @@ def test_official_layout_matches_fixture_keys(fx, hp):
 def test_every_official_key_accounted_for(fx, official_sd, hp, decoder):
     ours, dropped = decoder_official_to_ours(official_sd, hp)
     assert set(ours) == set(decoder.state_dict())
-    assert len(ours) + len(dropped) == len(official_sd)
-    assert sorted({why for why in dropped.values()}) and all(
+    covered = set(dropped)
+    for m in decoder_key_maps(hp):
+        covered.update(m.officials if isinstance(m, FusedMap) else [m.official])
+    assert covered == set(official_sd)
+    assert all(
         "subbox_score_list" in k or "iou_snyc_statistics" in k or k == "rpn_head.init_proposal_bboxes"
         for k in dropped
     )
+    assert sum(v.numel() for v in ours.values()) == sum(
+        v.numel() for k, v in official_sd.items() if k not in dropped)
 
 
 def test_reverse_conversion_is_bit_exact(official_sd, hp, decoder):
@@ -186,7 +193,7 @@ def _record(name, s, err):
 
 def test_initial_queries(fx, decoder):
     with torch.no_grad():
-        content, xyzr, _ = decoder.query_generator(fx.image_sizes.float())
+        content, xyzr = decoder.query_generator(fx.image_sizes.float())[:2]
     B, N = xyzr.shape[:2]
     assert (xyzr - fx.expected["eval/init_xyzr"]).abs().max() < 1e-5
     assert (content.view(B, N, -1)[..., :8] - fx.expected["eval/init_content_first8"]).abs().max() < 1e-5

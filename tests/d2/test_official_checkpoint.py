@@ -141,8 +141,8 @@ def test_swin_patch_merging_reorder_matches_unfold_semantics():
     u = F.unfold(x.view(2, H, W, C).permute(0, 3, 1, 2), kernel_size=2, stride=2).transpose(1, 2)
     ref = F.linear(F.layer_norm(u, (4 * C,), g_off, b_off), w_off)
     # ours, with converted weights
-    m = next(m for m in key_maps("swin_s", 300) if m.official.endswith("stages.0.downsample.reduction.weight"))
-    n = next(m for m in key_maps("swin_s", 300) if m.official.endswith("stages.0.downsample.norm.weight"))
+    m = next(m for m in key_maps("swin_s", 300) if getattr(m, "official", "").endswith("stages.0.downsample.reduction.weight"))
+    n = next(m for m in key_maps("swin_s", 300) if getattr(m, "official", "").endswith("stages.0.downsample.norm.weight"))
     pm = PatchMerging(C)
     with torch.no_grad():
         pm.reduction.weight.copy_(m.to_ours(w_off))
