@@ -87,15 +87,15 @@ class CrossStageLabelAssigner(nn.Module):
         self.use_score = _check_bool("use_score", use_score)
         self.cross_stage = _check_bool("cross_stage", cross_stage)
 
-        if not isinstance(scope, (tuple, list)) or len(scope) != 2:
-            raise ValueError(
-                "CrossStageLabelAssigner: scope must be a pair (lo, hi) with lo in {None, <= 0} "
-                f"and hi in {{None, >= 0}} (Tab. 13 rows: {TABLE13_SCOPES}), got {scope!r}"
+        # Any 2-sequence is accepted (tuple, list, OmegaConf ListConfig from LazyConfig).
+        scope_ok = not isinstance(scope, (str, bytes)) and hasattr(scope, "__len__")
+        scope_ok = scope_ok and len(scope) == 2
+        if scope_ok:
+            lo, hi = tuple(scope)
+            scope_ok = (lo is None or (_is_int(lo) and lo <= 0)) and (
+                hi is None or (_is_int(hi) and hi >= 0)
             )
-        lo, hi = scope
-        if not (lo is None or (_is_int(lo) and lo <= 0)) or not (
-            hi is None or (_is_int(hi) and hi >= 0)
-        ):
+        if not scope_ok:
             raise ValueError(
                 "CrossStageLabelAssigner: scope must be a pair (lo, hi) with lo in {None, <= 0} "
                 f"and hi in {{None, >= 0}} (Tab. 13 rows: {TABLE13_SCOPES}), got {scope!r}"
@@ -103,8 +103,9 @@ class CrossStageLabelAssigner(nn.Module):
         self.scope = (lo, hi)
 
         if stages is not None:
-            stages = tuple(stages)
-            if not all(_is_int(s) for s in stages):
+            seq_ok = hasattr(stages, "__iter__") and not isinstance(stages, (str, bytes))
+            stages = tuple(stages) if seq_ok else stages
+            if not seq_ok or not all(_is_int(s) for s in stages):
                 raise ValueError(
                     "CrossStageLabelAssigner: stages must be None (all stages) or a sequence of "
                     f"int stage indices (0-based, negative from the end), got {stages!r}"

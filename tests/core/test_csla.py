@@ -235,3 +235,26 @@ def test_switch_validation(kwargs, name):
     args = {"num_classes": 2, **kwargs}
     with pytest.raises(ValueError, match=name):
         CrossStageLabelAssigner(**args)
+
+
+def test_scope_and_stages_accept_any_sequence():
+    """LazyConfig passes OmegaConf ListConfigs; any 2-sequence must work as a scope."""
+    from collections.abc import Sequence
+
+    class Seq(Sequence):
+        def __init__(self, *items):
+            self.items = list(items)
+
+        def __getitem__(self, i):
+            return self.items[i]
+
+        def __len__(self):
+            return len(self.items)
+
+    a = CrossStageLabelAssigner(num_classes=2, scope=Seq(-1, None), stages=Seq(0, 1))
+    assert a.scope == (-1, None) and a.stages == (0, 1)
+    assert CrossStageLabelAssigner(num_classes=2, scope=[0, 0]).scope == (0, 0)
+    with pytest.raises(ValueError, match="stages"):
+        CrossStageLabelAssigner(num_classes=2, stages=3)
+    with pytest.raises(ValueError, match="scope"):
+        CrossStageLabelAssigner(num_classes=2, scope="ab")
