@@ -8,6 +8,8 @@ detrex's parent criterion exactly), interleaved on/off, medians over ``--repeats
    ``projects/csla/configs/dino_r50_4scale_12ep_csla.py`` with :func:`shrink_model_cfg`.
 2. ``criterion``: the criterion alone at DINO-R50 scale (900 queries, 80 classes, 6 decoder
    stages + encoder + 100 dn queries per group, batch 2, 20 objects per image), forward + backward.
+3. ``criterion_free_matcher``: as 2, but the Hungarian matcher is replaced by a stub returning
+   precomputed matches, so the difference is CSLA's own work (packing, IoU, multi-hot targets).
 
 Usage::
 
@@ -90,8 +92,10 @@ def bench_criterion(
     stages: int = 6,
     batch: int = 2,
     objects: int = 20,
+    free_matcher: bool = False,
 ) -> Dict[str, float]:
-    """Median DINO criterion forward+backward at R50 scale, CSLA on vs off."""
+    """Median DINO criterion forward+backward at R50 scale, CSLA on vs off (``free_matcher``:
+    matches precomputed once, so only CSLA's own work differs)."""
     from detrex.modeling.matcher import HungarianMatcher
 
     from stageinteractor.detrex_ext.criteria import CSLADINOCriterion
@@ -147,6 +151,17 @@ def bench_criterion(
         weight_dict={"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0},
     )
 
+    if free_matcher:
+        hungarian = crit.matcher.inner
+        stage_dicts = [*outputs["aux_outputs"], outputs, outputs["enc_outputs"]]
+        table = [(st["pred_logits"], hungarian(st, targets)) for st in stage_dicts]
+
+        class _Precomputed(torch.nn.Module):
+            def forward(self, outs, tgts):
+                return next(ind for logits, ind in table if logits is outs["pred_logits"])
+
+        crit.matcher.inner = _Precomputed()
+
     def run():
         sum(crit(outputs, targets, dn_meta).values()).backward()
 
@@ -173,7 +188,7 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write the result here")
     args = parser.parse_args(argv)
     result = bench(args.repeats, args.threads)
-    for name in ("tiny_dino_step", "dino_r50_criterion"):
+    for name in ("tiny_dino_step", "dino_r50_criterion", "dino_r50_criterion_free_matcher"):
         r = result[name]
         print(
             f"{name:20s} off {r['off_ms']:8.1f} ms  on {r['on_ms']:8.1f} ms  "
