@@ -21,6 +21,7 @@ detectron2 (only :func:`check_against_model` users build models).
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import tempfile
 import zipfile
@@ -368,7 +369,7 @@ def load_checkpoint_file(path: str) -> object:
             if "weights_only" not in str(e) and "Weights only" not in str(e):
                 raise
             return torch.load(path, map_location="cpu", weights_only=False)
-    except (EOFError, RuntimeError, OSError) as e:
+    except (EOFError, RuntimeError, OSError, pickle.UnpicklingError) as e:
         raise ConversionError(f"{path}: truncated or corrupt checkpoint ({type(e).__name__}: {e})") from None
     except Exception as e:  # noqa: BLE001
         raise ConversionError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {e})") from None
