@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import random
+import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -182,13 +183,12 @@ class Trainer(SimpleTrainer):
 
     def run_step(self):
         assert self.model.training, "[Trainer] model was changed to eval mode!"
-        if self.seed is not None:
-            self._reseed()
-        import time
-
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
+        # after fetching: creating the loader iterator (worker seeds) consumes torch RNG
+        if self.seed is not None:
+            self._reseed()
 
         with self._autocast():
             loss_dict = self.model(data)
