@@ -176,6 +176,26 @@ def test_every_official_key_accounted_for(fx, official_sd, hp, decoder):
         v.numel() for k, v in official_sd.items() if k not in dropped)
 
 
+def test_fused_generator_order_follows_decoder_layout(hp, decoder):
+    """Our fused per-stage generator: its block order / rows (DecoderStage.generator_layout and
+    OFFICIAL_GENERATOR_SOURCES) must be what the converter assumes."""
+    from stageinteractor.core.stage import OFFICIAL_GENERATOR_SOURCES
+
+    fused = {m.ours: m for m in decoder_key_maps(hp) if isinstance(m, FusedMap)}
+    for s, st in enumerate(decoder.stages):
+        m = fused[f"stages.{s}.generator.weight"]
+        sources, rows = [], []
+        for name, r in st.generator_layout:
+            src = OFFICIAL_GENERATOR_SOURCES[name]
+            if sources and sources[-1] == src:
+                rows[-1] += r
+            else:
+                sources.append(src)
+                rows.append(r)
+        assert [k.split(f"bbox_head.{s}.", 1)[1].rsplit(".", 1)[0] for k in m.officials] == sources
+        assert [shape[0] // hp.groups for shape in m.shapes] == rows
+
+
 def test_reverse_conversion_is_bit_exact(official_sd, hp, decoder):
     ours, _ = decoder_official_to_ours(official_sd, hp)
     back = decoder_ours_to_official(decoder.state_dict(), hp)
