@@ -146,12 +146,22 @@ def _bad_json(tmp_path):
     return p
 
 
-@pytest.mark.slow
+def _train_net_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_train_net_under_test",
+                                                  REPO / "tools" / "train_net.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.mark.parametrize("case", ["unknown_key", "corrupt_checkpoint", "missing_checkpoint",
                                   "bad_dataset"])
-def test_bad_input_fails_before_training(case, datasets_root, tmp_path):
+def test_bad_input_fails_before_training(case, datasets_root, tmp_path, monkeypatch, capsys):
+    """In-process ``cli()`` (the same code the script runs before launching workers)."""
     out = tmp_path / "out"
-    env, args = _env(datasets_root), [f"train.output_dir={out}"]
+    args = [f"train.output_dir={out}"]
     if case == "unknown_key":
         args.append("train.max_itr=3")
         expect = ["unknown config key 'train.max_itr'", "train.max_iter"]
@@ -165,17 +175,28 @@ def test_bad_input_fails_before_training(case, datasets_root, tmp_path):
         expect = [f"checkpoint file {tmp_path}/nope.pth does not exist"]
     else:
         bad = _bad_json(tmp_path)
-        env.update(TINY_JSON=str(bad), TINY_IMAGES=str(tmp_path))
+        monkeypatch.setenv("TINY_JSON", str(bad))
+        monkeypatch.setenv("TINY_IMAGES", str(tmp_path))
         expect = [f"{bad}: malformed JSON"]
-    rc, log = _run(args, env)
-    assert rc == 2, log[-3000:]
-    errors = [line for line in log.splitlines() if line.startswith("train_net: error:")]
-    assert len(errors) == 1, log[-3000:]
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(datasets_root))
+    monkeypatch.chdir(REPO)
+    rc = _train_net_module().cli(["--config-file", CFG, *args])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("train_net: error:")]
+    assert len(errors) == 1, err
     for e in expect:
         assert e in errors[0]
-    assert "Traceback" not in log
-    leftovers = list(out.glob("*.pth*")) + list(out.glob("last_checkpoint")) if out.exists() else []
-    assert leftovers == []
+    assert not out.exists() or not (list(out.glob("*.pth*")) + list(out.glob("last_checkpoint")))
+
+
+@pytest.mark.slow
+def test_bad_input_subprocess_exit_status(datasets_root, tmp_path):
+    out = tmp_path / "out"
+    rc, log = _run([f"train.output_dir={out}", "model.nonexistent_knob=1"], _env(datasets_root))
+    assert rc == 2 and "Traceback" not in log
+    assert "train_net: error: unknown config key 'model.nonexistent_knob'" in log
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------ in-process
