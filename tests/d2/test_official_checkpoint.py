@@ -264,3 +264,20 @@ def test_key_error_through_cli_writes_nothing(tmp_path, capsys, r50_official):
     torch.save({"state_dict": sd}, src)
     _expect_one_error(tool, capsys, [str(src), str(dst)],
                       "'backbone.layer1.0.conv1.weight': found [64, 64, 3, 3], expected [64, 64, 1, 1]", dst)
+
+
+@pytest.mark.parametrize("kind", ["x101_dcn", "swin_s"])
+def test_released_configs_use_the_authors_test_settings(kind):
+    """Released models (README of the authors): 300 queries, top-300 (query, class) pairs per
+    image (max_per_img = 300), single-scale resize short 800 / long <= 1333, no flip, no NMS."""
+    from detectron2.config import instantiate
+    from detectron2.data import transforms as T
+
+    cfg = LazyConfig.load(str(ROOT / CONFIGS[kind]))
+    assert cfg.model.decoder.num_queries == 300
+    assert cfg.model.max_detections_per_image in (None, 300)  # None = num_queries
+    assert "nms" not in str(cfg.model).lower()
+    augs = instantiate(cfg.dataloader.test.mapper.augmentations)
+    assert len(augs) == 1 and isinstance(augs[0], T.ResizeShortestEdge)
+    assert tuple(augs[0].short_edge_length) == (800, 800) and augs[0].max_size == 1333
+    assert cfg.dataloader.test.mapper.is_train is False
