@@ -89,10 +89,22 @@ def _get(node, dotted: str, default=None):
     return node
 
 
+def _add_projects_root(config_file: str) -> None:
+    """A config under ``<root>/projects/...`` (detrex layout) imports ``projects.<name>``:
+    put ``<root>`` on sys.path."""
+    path = os.path.abspath(config_file)
+    marker = os.sep + "projects" + os.sep
+    if marker in path:
+        root = path[: path.index(marker)]
+        if root not in sys.path:
+            sys.path.append(root)
+
+
 def setup_cfg(args):
     """Load the config, apply overrides strictly, resolve the device."""
     if not args.config_file or not os.path.isfile(args.config_file):
         raise ConfigError(f"config file {args.config_file!r} does not exist")
+    _add_projects_root(args.config_file)
     cfg = LazyConfig.load(args.config_file)
     cfg = apply_overrides_strict(cfg, args.opts)
     for key in ("model", "train"):
