@@ -22,15 +22,6 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "projects", "csla", "
 STEPS = 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and the CI machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CASES = [
     ("dino_r50_4scale_12ep_csla.py", "dino", CSLADINOCriterion),
     ("dino_r50_4scale_12ep_csla_dca.py", "dino", CSLADINOCriterion),
