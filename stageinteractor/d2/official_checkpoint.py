@@ -83,9 +83,16 @@ class ConversionReport:
     ignored_top_level: List[str] = field(default_factory=list)
 
     def summary(self) -> str:
+        n_ours = len({o for _, o in self.mapped})
+        fused: Dict[str, int] = {}
+        for _, o in self.mapped:
+            fused[o] = fused.get(o, 0) + 1
+        n_fused_src = sum(c for c in fused.values() if c > 1)
+        n_fused_dst = sum(1 for c in fused.values() if c > 1)
         lines = [
             f"backbone: {self.backbone}, queries: {self.num_queries}",
-            f"mapped: {len(self.mapped)} keys",
+            f"mapped: {len(self.mapped)} keys -> {n_ours} keys of ours ({n_fused_src} official generator "
+            f"tensors fused into {n_fused_dst} per-stage 'generator' tensors)",
             f"dropped: {len(self.dropped)} keys",
         ]
         by_reason: Dict[str, List[str]] = {}
@@ -93,8 +100,11 @@ class ConversionReport:
             by_reason.setdefault(why, []).append(k)
         for why, keys in by_reason.items():
             lines.append(f"  {len(keys):4d} x {why} (e.g. {keys[0]})")
+        n_dead = sum(1 for k in self.dropped if ".subbox_score_list." in k)
+        if n_dead and not any("dead layer" in w for w in self.warnings):
+            lines.append(f"dead subbox_score tensors: {n_dead}, all zero (checked)")
         if self.ignored_top_level:
-            lines.append("ignored top-level entries: " + ", ".join(self.ignored_top_level))
+            lines.append("not converted (training state / metadata): " + ", ".join(self.ignored_top_level))
         for w in self.warnings:
             lines.append("WARNING: " + w)
         return "\n".join(lines)

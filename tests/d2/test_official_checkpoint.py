@@ -196,7 +196,8 @@ def test_cli_end_to_end_with_detectron2_checkpointer(tmp_path, r50_official, cap
                 "optimizer": {"state": {}, "param_groups": []}}, src)
     assert tool.main([str(src), str(dst), "--config", str(ROOT / CONFIGS["r50"])]) == 0
     out = capsys.readouterr().out
-    assert "mapped:" in out and "dropped: 92 keys" in out and "optimizer" in out
+    assert "mapped: 570 keys -> 514 keys of ours" in out and "dropped: 92 keys" in out
+    assert "all zero (checked)" in out and "optimizer" in out
 
     model, _ = _meta_model("r50")
     ckpt = DetectionCheckpointer(model)
