@@ -116,7 +116,8 @@ def resolve_switches(
     check_choice("dynamic_bias", dynamic_bias, (True, False))
     check_choice("first_stage_points", first_stage_points, FIRST_STAGE_POINTS)
     check_choice("reuse", reuse, (True, False))
-    check_choice("reuse_start", reuse_start, tuple(range(1, max(num_stages, 2))))
+    # (a decoder with num_stages <= reuse_start has no reuse stage; allowed for small test decoders)
+    check_choice("reuse_start", reuse_start, tuple(range(1, max(num_stages, 3))))
     if sampler != "grouped" and subpoint_offsets != "shared":
         raise ValueError(
             f"subpoint_offsets={subpoint_offsets!r} only applies to sampler='grouped' "

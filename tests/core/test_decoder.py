@@ -1,0 +1,317 @@
+"""Decoder behaviour against hand-computed / brute-force answers (small dimensions)."""
+import math
+
+import pytest
+import torch
+
+import stageinteractor.core.decoder as decoder_mod
+from stageinteractor.core.attention import iof_log_bias
+from stageinteractor.core.decoder import StageInteractorDecoder
+from stageinteractor.core.dynamic_mixing import CascadeDynamicMixing
+from stageinteractor.core.filter_bank import FilterBank, update_bank
+from stageinteractor.core.position_encoding import SineBoxEmbedding
+from stageinteractor.core.postprocess import topk_detections
+from stageinteractor.core.query_generator import InitialQueryGenerator
+from stageinteractor.core.sampler import GroupedPointSampler
+
+SMALL = dict(query_dim=32, num_heads=4, num_groups=4, ffn_dim=64, num_queries=6, num_classes=5, out_points=16)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: avoid OpenMP contention on a shared machine
+    yield
+    torch.set_num_threads(n)
+
+
+def small(**kw):
+    torch.manual_seed(0)
+    return StageInteractorDecoder(**{**SMALL, **kw})
+
+
+def feats(B=2, dim=32, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, dim, size // s, size // s, generator=g) for s in (4, 8, 16, 32)]
+
+
+def perturb(module, scale=0.05, seed=0):
+    """Spec §5: many weights start at 0 (no gradient flows); perturb them first."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+# ---------------------------------------------------------------- small components
+def test_sine_embedding_hand_values():
+    pe = SineBoxEmbedding(num_feats=4)
+    xyzr = torch.tensor([[500.0, 250.0, 3.0, -1.0]])
+    out = pe(xyzr)
+    v = [0.5, 0.25, 3.0, -1.0]
+    exp = []
+    for c in range(4):
+        for m in range(2):
+            f = v[c] / 10000 ** (2 * m / 4)
+            exp += [math.sin(f), math.cos(f)]
+    assert torch.allclose(out, torch.tensor([exp]), atol=1e-6)
+    assert torch.equal(pe.rows(xyzr.view(1, 1, 4)), out)
+
+
+def test_iof_bias_hand_values():
+    boxes = torch.tensor([[[0.0, 0.0, 4.0, 4.0], [2.0, 2.0, 4.0, 6.0], [10.0, 10.0, 11.0, 11.0]]])
+    iof = iof_log_bias(boxes).exp() - 1e-7  # (1, 1, 3, 3)
+    exp = torch.tensor([[1.0, 4 / 16, 0.0], [4 / 8, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    assert iof.shape == (1, 1, 3, 3)
+    assert torch.allclose(iof[0, 0], exp, atol=1e-6)
+
+
+def test_query_generator_full_image_boxes():
+    qg = InitialQueryGenerator(num_queries=3, query_dim=8)
+    content, xyzr, wh, boxes = qg(torch.tensor([[600.0, 800.0], [32.0, 64.0]]))
+    assert content.shape == (6, 8)
+    assert torch.allclose(content.mean(-1), torch.zeros(6), atol=1e-5)
+    assert torch.allclose(content.var(-1, unbiased=False), torch.ones(6), atol=1e-3)
+    assert torch.allclose(xyzr[0, 0], torch.tensor([400.0, 300.0, math.log2(math.sqrt(480000)), math.log2(0.75)]))
+    assert torch.allclose(xyzr[1, 2], torch.tensor([32.0, 16.0, 0.5 * math.log2(2048), -1.0]))
+    assert torch.equal(boxes[1, 0], torch.tensor([0.0, 0.0, 64.0, 32.0]))
+    assert torch.equal(wh[0, 1], torch.tensor([800.0, 600.0]))
+
+
+def test_adapter_equals_eq3_outer_product():
+    C, G, n, Mb = 4, 2, 3, 5
+    mix = CascadeDynamicMixing(query_dim=8, num_groups=G, channels=C, in_points=8, out_points=16,
+                               num_blocks=2, num_reused_channel=n, num_reused_spatial=1)
+    g = torch.Generator().manual_seed(0)
+    gates = torch.randn(Mb, C * 2 * n, generator=g)
+    m_cur = torch.randn(Mb, C, C, generator=g)
+    bank = torch.randn(Mb, C, C, n, generator=g)
+    got = mix._step_filters({"gates": gates}, m_cur, FilterBank(channel=bank))
+    sig = torch.sigmoid(gates).view(Mb, C, 2, n)
+    for m in range(n):
+        for b in range(Mb):
+            a_row = sig[b, :, 1, m]  # row / input-channel gate
+            c_col = sig[b, :, 0, m]  # column / output-channel gate
+            w = torch.outer(a_row, c_col)
+            exp = w * bank[b, :, :, m] + (1 - w) * m_cur[b]
+            assert torch.allclose(got[m][b], exp, atol=1e-6)
+
+
+def _bilinear_zero_pad(fmap, fx, fy):
+    """fmap (C, H, W); continuous pixel coords with centres at integers."""
+    C, H, W = fmap.shape
+    x0, y0 = math.floor(fx), math.floor(fy)
+    out = torch.zeros(C, dtype=torch.float64)
+    for xi, yi, wgt in ((x0, y0, (x0 + 1 - fx) * (y0 + 1 - fy)), (x0 + 1, y0, (fx - x0) * (y0 + 1 - fy)),
+                        (x0, y0 + 1, (x0 + 1 - fx) * (fy - y0)), (x0 + 1, y0 + 1, (fx - x0) * (fy - y0))):
+        if 0 <= xi < W and 0 <= yi < H:
+            out += wgt * fmap[:, yi, xi].double()
+    return out
+
+
+def test_grouped_sampling_matches_brute_force():
+    B, N, G, D, P = 1, 2, 2, 8, 8  # K = 2 blocks x S = 4 sub-points
+    strides = (4, 8)
+    torch.manual_seed(0)
+    smp = GroupedPointSampler(query_dim=D, num_groups=G, num_points=P, strides=strides)
+    with torch.no_grad():
+        smp.gen_double_d.weight.normal_(0, 0.2)
+    g = torch.Generator().manual_seed(1)
+    fm = [torch.randn(B, D, 8, 8, generator=g), torch.randn(B, D, 4, 4, generator=g)]
+    q = torch.randn(B * N, D, generator=g)
+    off = torch.randn(B * N * G, 3 * 2, generator=g) * 0.4
+    xyzr = torch.tensor([[[14.0, 17.0, 3.2, 0.3], [20.0, 9.0, 2.5, -0.4]]])
+    wh = torch.pow(2.0, xyzr[..., 2:3] + xyzr[..., 3:4] * torch.tensor([-0.5, 0.5]))
+    out, pts = smp(q, {"offsets": off}, xyzr, wh, smp.fold(fm), return_points=True)
+    assert out.shape == (B * N * G, P, D // G) and pts.shape == (B, N, G, P, 3)
+    sub = smp.gen_double_d(q).view(B * N, 4, 3)
+    o1 = off.view(B * N, G, 2, 3)
+    for n in range(N):
+        x, y, z, r = xyzr[0, n].tolist()
+        w, h = 2 ** (z - r / 2), 2 ** (z + r / 2)
+        for gi in range(G):
+            for k in range(2):
+                dx0, dy0, dz0 = o1[n, gi, k].tolist()
+                for j in range(4):
+                    dx1, dy1, dz1 = sub[n, j].tolist()
+                    px = x + w * (dx0 + 2 ** dz0 * dx1)
+                    py = y + h * (dy0 + 2 ** dz0 * dy1)
+                    pz = z + dz0 + dz1
+                    logits = torch.tensor([-(pz - 3 - lvl) ** 2 / 2 for lvl in range(2)], dtype=torch.float64)
+                    lw = logits.softmax(0)
+                    exp = sum(
+                        lw[lvl] * _bilinear_zero_pad(fm[lvl][0, gi * 4:(gi + 1) * 4], px / s - 0.5, py / s - 0.5)
+                        for lvl, s in enumerate(strides)
+                    )
+                    got = out[n * G + gi, k * 4 + j].double()
+                    assert torch.allclose(got, exp, atol=1e-5), (n, gi, k, j)
+                    assert torch.allclose(pts[0, n, gi, k * 4 + j].double(), torch.tensor([px, py, pz], dtype=torch.float64), atol=1e-4)
+
+
+def test_initial_sampling_points_within_box_spec5():
+    d = small()
+    out = d(feats(), torch.tensor([[64, 64], [40, 56]]), return_sampling_points=True)
+    pts = out[0]["sampling_points"]  # (B, N, G, 64, 3)
+    assert pts.shape == (2, 6, 4, 64, 3)
+    w = torch.tensor([64.0, 56.0]).view(2, 1, 1, 1)
+    h = torch.tensor([64.0, 40.0]).view(2, 1, 1, 1)
+    assert ((pts[..., 0] - w / 2).abs() <= 0.86 * w).all() and ((pts[..., 1] - h / 2).abs() <= 0.86 * h).all()
+    # sub-point j = 0 sits at its block centre; all points use the box's own z at init
+    z = 0.5 * torch.log2(w * h)
+    assert torch.allclose(pts[..., 2], z.expand_as(pts[..., 2]))
+
+
+# ---------------------------------------------------------------- initialisation (spec §5)
+def test_initialisation_spec5():
+    d = small()
+    for st in d.stages:
+        assert torch.all(st.reg_delta.weight == 0) and torch.all(st.reg_delta.bias == 0)
+        assert torch.allclose(st.cls_logits.bias, torch.full((5,), -math.log(99.0)))
+        assert torch.all(st.generator.weight == 0) and torch.all(st.mixing.out_proj.weight == 0)
+        assert (st.attention.iof_tau >= 0).all() and (st.attention.iof_tau <= 4).all()
+        blocks = st.generator_bias_blocks()
+        for name in ("gates", "u", "v"):
+            if name in blocks:
+                assert torch.all(blocks[name] == 0)
+        assert blocks["M"].abs().max() <= 1 / math.sqrt(32) and blocks["M"].abs().max() > 0
+        off = blocks["offsets"].view(4, -1, 3)
+        assert torch.all(off[..., 2] == 0) and off[..., :2].abs().max() <= 0.5
+        sub = st.sampler.gen_double_d.bias.view(8, 3)
+        assert torch.all(sub[0] == 0) and torch.all(sub[:, 2] == 0) and sub[1:, :2].abs().max() <= 0.5 / math.sqrt(2)
+        if st.mixing.static is not None:
+            assert all(torch.all(p == 0) for p in st.mixing.static.parameters())
+
+
+# ---------------------------------------------------------------- bank and gradients
+def test_bank_bookkeeping():
+    M = torch.zeros(3, 2, 2)
+    S = torch.zeros(3, 4, 2)
+    empty = FilterBank()
+    b0 = update_bank(empty, M + 0, S, stage=0, reuse_start=2, max_channel=4, keep_spatial=True)
+    assert b0.channel is None and b0.spatial is None  # stage 0's filters are never reused
+    b1 = update_bank(b0, M + 1, S, stage=1, reuse_start=2, max_channel=4, keep_spatial=True)
+    b2 = update_bank(b1, M + 2, S, stage=2, reuse_start=2, max_channel=4, keep_spatial=True)
+    b3 = update_bank(b2, M + 3, S, stage=3, reuse_start=2, max_channel=2, keep_spatial=False)
+    assert b1.num_channel == 1 and b2.num_channel == 2 and b3.num_channel == 2
+    assert [float(b2.channel[0, 0, 0, i]) for i in range(2)] == [1.0, 2.0]  # oldest first
+    assert [float(b3.channel[0, 0, 0, i]) for i in range(2)] == [2.0, 3.0]  # newest max_channel kept
+    assert b3.spatial is None and b2.spatial is S
+
+
+def test_gradient_reaches_second_stage_generator_through_bank(monkeypatch):
+    d = small(num_stages=4)
+    perturb(d)
+    x, sizes = feats(B=1), torch.tensor([[60, 50]])
+
+    def grads(detach_bank):
+        d.zero_grad()
+        if detach_bank:
+            orig = update_bank
+
+            def detached(bank, m, s, **kw):
+                return orig(bank, m.detach(), s.detach(), **kw)
+
+            monkeypatch.setattr(decoder_mod, "update_bank", detached)
+        out = d(x, sizes)
+        monkeypatch.undo()
+        out[-1]["logits"].sum().backward()  # the LAST stage's output only
+        return {s: d.stages[s].generator.weight.grad.clone() for s in range(4)}
+
+    attached, detached = grads(False), grads(True)
+    sl = d.stages[1].generator_bias_blocks()
+    G = 4
+    rows = attached[1].view(G, -1, attached[1].shape[-1])
+    rows_det = detached[1].view(G, -1, attached[1].shape[-1])
+    start = sum(r for name, r in d.stages[1].generator_layout[:1])  # offsets come first
+    m_rows = slice(start, start + sl["M"].shape[1])
+    diff = (rows[:, m_rows] - rows_det[:, m_rows]).abs().max()
+    assert diff > 1e-6 * rows[:, m_rows].abs().max() and diff > 0
+    # with the bank detached, stage 1's filter rows still get gradient through its own mixing
+    assert rows_det[:, m_rows].abs().max() > 0
+
+
+def test_boxes_detached_between_stages_content_not():
+    d = small(num_stages=3)
+    perturb(d)
+    out = d(feats(B=1), torch.tensor([[60, 50]]))
+    assert all(o["xyzr"].requires_grad and o["boxes"].requires_grad for o in out)
+    assert all(not o["input_xyzr"].requires_grad for o in out)
+    # content is not detached: stage-0 parameters receive gradient from the last stage's logits
+    out[-1]["logits"].sum().backward()
+    assert d.stages[0].ffn_fc2.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- forward contract and robustness
+def test_forward_contract_and_backward_finite():
+    d = small()
+    perturb(d)
+    out = d(feats(), torch.tensor([[64, 64], [40, 56]]))
+    assert len(out) == 6
+    for o in out:
+        assert o["logits"].shape == (2, 6, 5) and o["xyzr"].shape == (2, 6, 4) and o["boxes"].shape == (2, 6, 4)
+        assert set(o) == {"logits", "xyzr", "boxes", "input_xyzr"}
+    loss = sum(o["logits"].sum() + o["boxes"].sum() * 1e-3 for o in out)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in d.parameters() if p.grad is not None)
+    from stageinteractor.core.box_ops import xyzr_to_xyxy
+    assert torch.allclose(out[3]["boxes"], xyzr_to_xyxy(out[3]["xyzr"]), atol=1e-4)
+
+
+def test_autocast_bfloat16_cpu_forward_backward_finite():
+    d = small(num_stages=3)
+    perturb(d)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = d(feats(B=1), torch.tensor([[60, 50]]))
+        loss = sum(o["logits"].float().sum() + o["boxes"].float().sum() * 1e-3 for o in out)
+    loss.backward()
+    assert all(torch.isfinite(o["boxes"]).all() and torch.isfinite(o["logits"].float()).all() for o in out)
+    assert all(torch.isfinite(p.grad).all() for p in d.parameters() if p.grad is not None)
+
+
+def test_bad_inputs_raise_clear_errors():
+    d = small(num_stages=2)
+    f = feats(B=1)
+    sizes = torch.tensor([[60, 50]])
+    bad = [t.clone() for t in f]
+    bad[2][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"features\[2\] contains NaN or Inf"):
+        d(bad, sizes)
+    bad = [t.clone() for t in f]
+    bad[0][0, 3, 1, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"features\[0\] contains NaN or Inf"):
+        d(bad, sizes)
+    with pytest.raises(ValueError, match="image_sizes contains NaN"):
+        d(f, torch.tensor([[float("nan"), 50.0]]))
+    with pytest.raises(ValueError, match=r"features\[1\] \(stride 8\) must have shape \(B=1, C=32, H≈8, W≈8\)"):
+        d([f[0], f[1][:, :16], f[2], f[3]], sizes)
+    with pytest.raises(ValueError, match=r"features\[3\] \(stride 32\) must have shape"):
+        d([f[0], f[1], f[2], torch.zeros(1, 32, 5, 2)], sizes)
+    with pytest.raises(ValueError, match="list of 4 maps"):
+        d(f[:3], sizes)
+    with pytest.raises(ValueError, match=r"image_sizes must have shape \(B=1, 2\)"):
+        d(f, torch.tensor([60, 50]))
+
+
+def test_zero_area_and_out_of_image_sizes():
+    d = small(num_stages=2)
+    out = d(feats(B=3), torch.tensor([[0, 0], [1000, 10], [-5, 64]]))
+    x0 = out[0]["input_xyzr"]
+    assert torch.isfinite(x0).all()
+    # clamped to [1, padded size 64]: (h, w) = (1, 1), (64, 10), (1, 64)
+    assert torch.allclose(x0[:, 0, :2], torch.tensor([[0.5, 0.5], [5.0, 32.0], [32.0, 0.5]]))
+    assert all(torch.isfinite(o["boxes"]).all() and torch.isfinite(o["logits"]).all() for o in out)
+
+
+# ---------------------------------------------------------------- postprocess
+def test_topk_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 3, generator=g)
+    boxes = torch.randn(2, 5, 4, generator=g)
+    det = topk_detections(logits, boxes)
+    assert det["scores"].shape == (2, 5) and det["boxes"].shape == (2, 5, 4)
+    for b in range(2):
+        pairs = sorted(((torch.sigmoid(logits[b, q, c]).item(), q, c) for q in range(5) for c in range(3)), reverse=True)[:5]
+        assert [(q, c) for _, q, c in pairs] == list(zip(det["query_index"][b].tolist(), det["labels"][b].tolist()))
+        assert torch.allclose(det["scores"][b], torch.tensor([s for s, _, _ in pairs]))
+        assert torch.equal(det["boxes"][b], boxes[b, det["query_index"][b]])
+    assert topk_detections(logits, boxes, k=7)["labels"].shape == (2, 7)

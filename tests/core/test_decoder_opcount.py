@@ -1,0 +1,67 @@
+"""Issue 10: aten operator budget of one batch-1 no_grad inference.
+
+Counted with a TorchDispatchMode: query generator + 6 stages + postprocess (top-k), released
+configuration, input checks included. The count does not depend on the tensor sizes, so small
+dimensions are used. The authors' code issues 3,053 operators for the same work.
+"""
+import collections
+
+import pytest
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from stageinteractor.core.decoder import StageInteractorDecoder
+from stageinteractor.core.postprocess import topk_detections
+
+BUDGET = 1000
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: avoid OpenMP contention on a shared machine
+    yield
+    torch.set_num_threads(n)
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count(decoder, feats, sizes):
+    with torch.no_grad():
+        decoder(feats, sizes)  # warm-up (lazy init of kernels, caches)
+        with _OpCounter() as counter:
+            out = decoder(feats, sizes)
+            topk_detections(out[-1]["logits"], out[-1]["boxes"])
+    return counter.counts
+
+
+def _inputs(dim):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(1, dim, 64 // s, 64 // s, generator=g) for s in (4, 8, 16, 32)], torch.tensor([[60, 50]])
+
+
+def test_inference_op_budget():
+    torch.manual_seed(0)
+    d = StageInteractorDecoder(query_dim=64, ffn_dim=128, num_queries=10, num_classes=5).eval()
+    counts = _count(d, *_inputs(64))
+    total = sum(counts.values())
+    assert total <= BUDGET, (
+        f"{total} aten ops > budget {BUDGET} (torch {torch.__version__}); "
+        f"top ops: {counts.most_common(12)}"
+    )
+
+
+def test_adamixer_baseline_within_budget():
+    torch.manual_seed(0)
+    d = StageInteractorDecoder.adamixer(query_dim=64, ffn_dim=128, num_queries=10, num_classes=5).eval()
+    total = sum(_count(d, *_inputs(64)).values())
+    assert total <= BUDGET, f"{total} aten ops > budget {BUDGET} (torch {torch.__version__})"
