@@ -34,3 +34,14 @@ lr_multiplier_3x = _multistep(36, [27, 33])
 lr_multiplier_3x_crop = _multistep(36, [24, 33])
 # Swin-S variant: 1000 warm-up iterations
 lr_multiplier_3x_crop_swin = _multistep(36, [24, 33], warmup_iters=1000)
+
+# Demo (synthetic dataset, CPU, a few hundred iterations): the COCO warm-up of 500 iterations
+# would shrink to ~3 iterations at max_iter=500 (the multiplier scales with max_iter), so this
+# one is written in fractions of the run: 5% linear warm-up, x0.1 at 80% and 95%.
+lr_multiplier_demo = L(WarmupParamScheduler)(
+    scheduler=L(MultiStepParamScheduler)(
+        values=[1.0, 0.1, 0.01], milestones=[800, 950], num_updates=1000),
+    warmup_length=0.05,
+    warmup_method="linear",
+    warmup_factor=0.001,
+)

@@ -311,3 +311,80 @@ def test_trainer_reseeds_per_iteration():
 
     full, resumed = run(0), run(2)
     assert torch.equal(torch.stack(full[2:]), torch.stack(resumed))
+
+
+# ------------------------------------------------------------------------- common configs
+def test_common_schedule_values():
+    from detectron2.config import instantiate
+
+    sched = LazyConfig.load(str(REPO / "configs/common/schedule.py"))
+    s1x = instantiate(sched.lr_multiplier_1x)
+    total = 12 * 7330
+    assert abs(s1x(0.0) - 0.001) < 1e-9  # warm-up starts at 0.001 * lr
+    assert abs(s1x(250 / total) - (0.001 + 0.999 * 0.5)) < 1e-3  # linear, half-way
+    assert s1x(500 / total) == 1.0
+    assert s1x((8 * 7330 - 1) / total) == 1.0 and abs(s1x(8 * 7330 / total) - 0.1) < 1e-12
+    assert abs(s1x(11 * 7330 / total) - 0.01) < 1e-12
+    s3c = instantiate(sched.lr_multiplier_3x_crop)
+    assert s3c((24 * 7330 - 1) / (36 * 7330)) == 1.0
+    assert abs(s3c(24 * 7330 / (36 * 7330)) - 0.1) < 1e-12
+    swin = instantiate(sched.lr_multiplier_3x_crop_swin)
+    assert swin(999 / (36 * 7330)) < 1.0 and swin(1000 / (36 * 7330)) == 1.0
+
+
+def test_common_optimizers_decay_rules():
+    from detectron2.config import instantiate
+
+    optim = LazyConfig.load(str(REPO / "configs/common/optim.py"))
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+            self.attention_norm = nn.LayerNorm(4)
+            self.cls_fcs = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(3))
+
+    m = M()
+    cfg = optim.AdamW
+    cfg.params.model = m
+    opt = instantiate(cfg)
+    assert opt.defaults["lr"] == 2.5e-5 and opt.defaults["betas"] == (0.9, 0.999)
+    n = 0
+    for g in opt.param_groups:  # every parameter decayed, norms and biases included
+        assert g["weight_decay"] == 1e-4 and g["lr"] == 2.5e-5
+        n += len(g["params"])
+    assert n == len(list(m.parameters()))
+    cfg = optim.AdamW_swin
+    cfg.params.model = m
+    opt = instantiate(cfg)
+    names = {id(p): k for k, p in m.named_parameters()}
+    no_decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert no_decay == {"attention_norm.weight", "attention_norm.bias",
+                        "relative_position_bias_table"}  # cls_fcs.1.* keep decay (numeric name)
+
+
+def test_trainer_cpu_bf16_autocast_step():
+    model = nn.Sequential(nn.Linear(4, 4))
+    seen = []
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, batch):
+            y = self.m(torch.ones(2, 4))
+            seen.append(y.dtype)
+            return {"loss": y.float().pow(2).mean()}
+
+    w = Wrap()
+    tr = Trainer(w, [[{}]] * 2, torch.optim.SGD(w.parameters(), lr=0.1), device="cpu", amp=True,
+                 clip_grad={"max_norm": 1.0})
+    before = model[0].weight.detach().clone()
+    with EventStorage(0):
+        tr.iter = 0
+        tr.run_step()
+    assert seen == [torch.bfloat16] and tr.grad_scaler is None
+    assert not torch.equal(before, model[0].weight)
