@@ -9,10 +9,9 @@ import collections
 import pytest
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from stageinteractor.core.decoder import StageInteractorDecoder
-from stageinteractor.core.postprocess import topk_detections
+from stageinteractor.core.op_count import count_decoder_inference
 
 BUDGET = 1000
 
@@ -25,23 +24,9 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-class _OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _count(decoder, feats, sizes):
-    with torch.no_grad():
-        decoder(feats, sizes)  # warm-up (lazy init of kernels, caches)
-        with _OpCounter() as counter:
-            out = decoder(feats, sizes)
-            topk_detections(out[-1]["logits"], out[-1]["boxes"])
-    return counter.counts
+    # the project's one counter (stageinteractor/core/op_count.py); warm-up run not counted
+    return collections.Counter(count_decoder_inference(decoder, feats, sizes)["by_op"])
 
 
 def _inputs(dim):
