@@ -57,7 +57,7 @@ import logging
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -158,7 +158,8 @@ _SWIN_RULES: List[Rule] = [
      r"\.(weight|bias)", r"layers.\1.blocks.\2.\3.\4", None),
     (r"layers\.(\d+)\.blocks\.(\d+)\.attn\.(relative_position_bias_table|relative_position_index)",
      r"layers.\1.blocks.\2.attn.\3", None),
-    (r"layers\.(\d+)\.downsample\.reduction\.weight", r"layers.\1.downsample.reduction.weight", None),
+    (r"layers\.(\d+)\.downsample\.reduction\.weight",
+     r"layers.\1.downsample.reduction.weight", None),
     (r"layers\.(\d+)\.downsample\.norm\.(weight|bias)", r"layers.\1.downsample.norm.\2", None),
     (r"norm([0-3])\.(weight|bias)", r"norm\1.\2", None),
 ]
@@ -166,14 +167,19 @@ _SWIN_RULES: List[Rule] = [
 _SWIN_MMDET_RULES: List[Rule] = [
     (r"patch_embed\.projection\.(weight|bias)", r"patch_embed.proj.\1", None),
     (r"patch_embed\.norm\.(weight|bias)", r"patch_embed.norm.\1", None),
-    (r"stages\.(\d+)\.blocks\.(\d+)\.(norm1|norm2)\.(weight|bias)", r"layers.\1.blocks.\2.\3.\4", None),
+    (r"stages\.(\d+)\.blocks\.(\d+)\.(norm1|norm2)\.(weight|bias)",
+     r"layers.\1.blocks.\2.\3.\4", None),
     (r"stages\.(\d+)\.blocks\.(\d+)\.attn\.w_msa\.(qkv|proj)\.(weight|bias)",
      r"layers.\1.blocks.\2.attn.\3.\4", None),
-    (r"stages\.(\d+)\.blocks\.(\d+)\.attn\.w_msa\.(relative_position_bias_table|relative_position_index)",
+    (r"stages\.(\d+)\.blocks\.(\d+)\.attn\.w_msa\."
+     r"(relative_position_bias_table|relative_position_index)",
      r"layers.\1.blocks.\2.attn.\3", None),
-    (r"stages\.(\d+)\.blocks\.(\d+)\.ffn\.layers\.0\.0\.(weight|bias)", r"layers.\1.blocks.\2.mlp.fc1.\3", None),
-    (r"stages\.(\d+)\.blocks\.(\d+)\.ffn\.layers\.1\.(weight|bias)", r"layers.\1.blocks.\2.mlp.fc2.\3", None),
-    (r"stages\.(\d+)\.downsample\.reduction\.weight", r"layers.\1.downsample.reduction.weight", None),
+    (r"stages\.(\d+)\.blocks\.(\d+)\.ffn\.layers\.0\.0\.(weight|bias)",
+     r"layers.\1.blocks.\2.mlp.fc1.\3", None),
+    (r"stages\.(\d+)\.blocks\.(\d+)\.ffn\.layers\.1\.(weight|bias)",
+     r"layers.\1.blocks.\2.mlp.fc2.\3", None),
+    (r"stages\.(\d+)\.downsample\.reduction\.weight",
+     r"layers.\1.downsample.reduction.weight", None),
     (r"stages\.(\d+)\.downsample\.norm\.(weight|bias)", r"layers.\1.downsample.norm.\2", None),
     (r"norm([0-3])\.(weight|bias)", r"norm\1.\2", None),
 ]
@@ -385,7 +391,9 @@ def _load_any(path: str) -> Mapping[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def convert_file(src: str, dst: str, fmt: str = "auto", prefix: str = "backbone.") -> KeyMappingReport:
+def convert_file(
+    src: str, dst: str, fmt: str = "auto", prefix: str = "backbone."
+) -> KeyMappingReport:
     """Convert an ImageNet checkpoint file to a detectron2 ``.pth`` holding only
     ``{prefix}*`` keys (loadable by the stock ``DetectionCheckpointer``)."""
     mapped, report = map_imagenet_backbone_state_dict(_load_any(src), fmt=fmt, prefix=prefix)

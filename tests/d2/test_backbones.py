@@ -144,7 +144,9 @@ def test_resnet_freeze_and_eval_bn_semantics():
         torch.testing.assert_close(out[k].detach(), out2[k])
 
 
-@pytest.mark.parametrize("freeze_at,frozen", [(0, ()), (1, ("stem",)), (3, ("stem", "res2", "res3"))])
+@pytest.mark.parametrize(
+    "freeze_at,frozen", [(0, ()), (1, ("stem",)), (3, ("stem", "res2", "res3"))]
+)
 def test_resnet_freeze_at(freeze_at, frozen):
     m = ResNet(50, freeze_at=freeze_at)
     for n, p in m.named_parameters():
@@ -295,7 +297,8 @@ def test_swin_s_drop_path_schedule(swin_s):
 def test_swin_freeze_at():
     m = _tiny_swin(freeze_at=2)
     for n, p in m.named_parameters():
-        assert p.requires_grad == (not (n.startswith("patch_embed") or n.startswith("layers.0."))), n
+        frozen = n.startswith("patch_embed") or n.startswith("layers.0.")
+        assert p.requires_grad == (not frozen), n
 
 
 def test_swin_matches_timm_reference():

@@ -72,7 +72,8 @@ def test_forward_matches_formula_dict_and_list():
     assert len(out) == 4
     for l, (name, x) in enumerate(feats.items()):
         conv = neck.lateral_convs[l]
-        ref = F.group_norm(F.conv2d(x, conv.weight, conv.bias), 32, neck.gn_out.weight, neck.gn_out.bias)
+        gn = neck.gn_out
+        ref = F.group_norm(F.conv2d(x, conv.weight, conv.bias), 32, gn.weight, gn.bias)
         torch.testing.assert_close(out[l], ref)
         assert torch.equal(out[l], out_list[l])
         assert out[l].shape == (2, 256, 64 >> (l + 2), 48 >> (l + 2))

@@ -36,7 +36,7 @@ Feature names: ``res2..res5`` (same names as the ResNet backbones, so neck confi
 backbone-agnostic).
 """
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -158,13 +158,17 @@ class SwinBlock(nn.Module):
         self.window_size = window_size
         self.shift_size = shift_size
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, qk_scale, attn_drop, drop)
+        self.attn = WindowAttention(
+            dim, window_size, num_heads, qkv_bias, qk_scale, attn_drop, drop
+        )
         self.drop_path = DropPath(drop_path)
         self.drop_path_on_mlp = drop_path_on_mlp
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
-    def forward(self, x: torch.Tensor, H: int, W: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, H: int, W: int, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         B, L, C = x.shape
         ws = self.window_size
         shortcut = x
@@ -371,7 +375,9 @@ class SwinTransformer(Backbone):
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {
-            n: ShapeSpec(channels=self._out_feature_channels[n], stride=self._out_feature_strides[n])
+            n: ShapeSpec(
+                channels=self._out_feature_channels[n], stride=self._out_feature_strides[n]
+            )
             for n in self._out_features
         }
 
