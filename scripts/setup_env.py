@@ -296,14 +296,8 @@ def setup_core(state):
     changed = bool(missing) or not ok(state, "torch") or not ok(state, "torchvision")
     if not ok(state, "stageinteractor"):
         say("stageinteractor is not installed; installing this checkout in editable mode")
-        args = ["--no-deps", "-e", str(REPO)]
-        try:
-            import setuptools  # noqa: F401
-
-            args.insert(0, "--no-build-isolation")
-        except ImportError:
-            pass
-        if not pip_install(args):
+        ensure_build_tools()
+        if not pip_install(["--no-build-isolation", "--no-deps", "-e", str(REPO)]):
             say("WARNING: `pip install -e .` failed; the make targets still work because "
                 "they put this checkout on PYTHONPATH")
         changed = True
@@ -319,6 +313,35 @@ def ensure_detrex_runtime_deps(state):
     if not pip_install(["--no-build-isolation"] + missing):
         say("WARNING: could not install " + " ".join(missing))
     return True
+
+
+def _version_tuple(dist):
+    from importlib import metadata
+
+    try:
+        v = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+    parts = []
+    for x in v.split(".")[:3]:
+        digits = "".join(ch for ch in x if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def ensure_build_tools():
+    """--no-build-isolation builds use this environment's setuptools: it must be recent enough
+    for PEP 660 editable installs (>= 64) and provide bdist_wheel (built in from 70.1, else
+    from the `wheel` package); fresh virtual environments often carry an older one."""
+    st = _version_tuple("setuptools")
+    want = []
+    if st is None or st < (64,):
+        want.append("setuptools>=64,<81")
+    if (st is None or st < (70, 1)) and _version_tuple("wheel") is None:
+        want.append("wheel")
+    if want:
+        say("build tools for --no-build-isolation: installing " + " ".join(want))
+        pip_install(want)
 
 
 def setuptools_below_81():
@@ -341,6 +364,7 @@ def install_dep(name, state, failures):
         failures[name] = why
         return None
     say("installing %s from %s (builds C++ ops; about a minute on CPU)" % (name, src))
+    ensure_build_tools()
     args = ["--no-build-isolation"]
     if name == "detrex":
         args.append("--no-deps")
