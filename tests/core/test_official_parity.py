@@ -297,6 +297,34 @@ def test_train_matches_and_csla_targets_exact(fx, train_run):
         assert n_box == e[f"train/stage{s}/csla_avg_factor_reg"]
 
 
+def test_train_match_costs_labels_and_box_targets(fx, train_run):
+    """Cost matrices (within the round-off of the stage outputs), per-query labels (80 = bg)
+    and the boxes entering the L1/GIoU losses (flat order b*N + q)."""
+    outs, _, crit = train_run
+    e = fx.expected
+    K = outs[0]["logits"].shape[-1]
+    for s in range(fx.num_stages):
+        cost = crit.matcher.cost_matrix(outs[s]["logits"], outs[s]["boxes"], fx.gt_boxes, fx.gt_classes,
+                                        fx.image_sizes)
+        for b in range(cost.shape[0]):
+            ref = e[f"train/stage{s}/match_cost/{b}"]
+            err = (cost[b, :, : ref.shape[1]] - ref).abs().max().item()
+            _record("match_cost", (s, b), err)
+            assert err < 1e-2, (s, b, err)
+        match = crit.last_matches[s]
+        labels = torch.where(match >= 0, fx.gt_classes.gather(1, match.clamp(min=0)), torch.full_like(match, K))
+        assert torch.equal(labels, e[f"train/stage{s}/labels"]), s
+        b_idx, q_idx = (match >= 0).nonzero(as_tuple=True)  # row-major = flat order b*N + q
+        tgt = fx.gt_boxes[b_idx, match[b_idx, q_idx]]
+        assert torch.equal(tgt, e[f"train/stage{s}/reg_targets"]), s
+        pred = outs[s]["boxes"].detach()[b_idx, q_idx]
+        assert (pred - e[f"train/stage{s}/reg_pred"]).abs().max() <= _tol("boxes", s), s
+    per_stage = {}
+    for (s, _b), v in PARITY_MEASURED["match_cost"].items():
+        per_stage[s] = max(per_stage.get(s, 0.0), v)
+    print("\nPARITY train match-cost max abs error: " + "  ".join(f"s{s}={v:.1e}" for s, v in sorted(per_stage.items())))
+
+
 def test_train_losses(fx, train_run):
     _, losses, _ = train_run
     names = {"cls": "loss_cls", "bbox": "loss_bbox", "giou": "loss_iou"}
