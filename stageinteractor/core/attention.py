@@ -40,7 +40,7 @@ def iof_log_bias(
     if area is None:
         area = (boxes[..., 2:] - boxes[..., :2]).prod(-1)
     area = area.clamp(min=eps).view(B, 1, N, 1)
-    return torch.log(torch.addcdiv(log_eps, inter, area))
+    return torch.log(inter / area + log_eps)
 
 
 class IoFSelfAttention(nn.Module):

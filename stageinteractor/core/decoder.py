@@ -100,6 +100,7 @@ class StageInteractorDecoder(nn.Module):
         self.feature_strides = tuple(int(s) for s in feature_strides)
         self.check_inputs = check_inputs
         self.query_generator = InitialQueryGenerator(num_queries=num_queries, query_dim=query_dim)
+        self.register_buffer("one", torch.tensor(1.0), persistent=False)
         self.stage_points = [first_stage_points] + [num_points] * (num_stages - 1)
         self.stage_reused_channel = [
             min(max(s - sw.reuse_start + 1, 0), sw.max_reused_channel_filters) for s in range(num_stages)
@@ -206,7 +207,7 @@ class StageInteractorDecoder(nn.Module):
             self._validate(features, image_sizes)
         f0 = features[0]
         pad = f0.new_tensor([f0.shape[2] * self.feature_strides[0], f0.shape[3] * self.feature_strides[0]])
-        sizes = torch.minimum(image_sizes.to(pad.dtype).clamp(min=1.0), pad)
+        sizes = torch.clamp(image_sizes.to(pad.dtype), min=self.one, max=pad)
         q, xyzr, wh, boxes = self.query_generator(sizes)
         sampler = self.stages[0].sampler
         grid_scales = sampler.grid_scales_for(features)
@@ -223,10 +224,14 @@ class StageInteractorDecoder(nn.Module):
             outputs.append(result)
             if s < last:
                 if self._keep_bank[s]:
+                    # the next stage reuses the first rows of this stage's spatial filter; when they
+                    # are exactly the generated rows, keep those (no slicing later)
+                    keep_rows = self.stages[s + 1].mixing.reused_rows
+                    s_keep = out["s_cur"] if out["s_cur"].shape[1] == keep_rows else out["s_full"]
                     bank = update_bank(
                         bank,
                         out["m_cur"],
-                        out["s_full"],
+                        s_keep,
                         stage=s,
                         reuse_start=self.switches.reuse_start,
                         max_channel=self.switches.max_reused_channel_filters,

@@ -74,7 +74,7 @@ def fuse_group_rows(parts: Sequence[Tensor], num_groups: int) -> Tensor:
 
 
 class CascadeDynamicMixing(nn.Module):
-    """See module docstring. ``forward(q, gen, sampled, bank) -> (q, M_cur, S_full)``."""
+    """See module docstring. ``forward(q, gen, sampled, bank) -> (q, M_cur, S_full, S_cur)``."""
 
     def __init__(
         self,
@@ -146,24 +146,32 @@ class CascadeDynamicMixing(nn.Module):
             else:
                 bias[name].uniform_(-bound, bound)
 
+    @staticmethod
+    def sigmoid_blocks() -> Tuple[str, ...]:
+        """Blocks that are gates (sigmoid applied by the caller); they come last, contiguous."""
+        return _SIGMOID_BLOCKS
+
     def reset_parameters(self) -> None:
         """Output projection weight 0 (spec §5); static layers zero-init themselves."""
         nn.init.zeros_(self.out_proj.weight)
 
     def forward(
         self, q: Tensor, gen: Dict[str, Tensor], sampled: Tensor, bank: FilterBank
-    ) -> Tuple[Tensor, Tensor, Tensor]:
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """
         Args:
             q: (B*N, D) content after the self-attention.
-            gen: this module's generator blocks, each (B*N*G, rows) (:meth:`generator_blocks`).
+            gen: this module's generator blocks, each (B*N*G, rows) (:meth:`generator_blocks`),
+                with the sigmoid already applied to the gate blocks "gates", "u", "v" (the stage
+                generates them as one contiguous block and applies one sigmoid).
             sampled: (B*N*G, P_in, C) sampled features I0.
             bank: filters of earlier stages (``bank.channel`` (Mb, C, C, n) must hold
                 ``num_reused_channel`` filters and ``bank.spatial`` at least ``reused_rows`` rows
                 when reuse is active).
         Returns:
             q (B*N, D) after ``out_norm(q + out_proj(.))``, the generated channel filter
-            M_cur (B*N*G, C, C) and the full spatial filter S_full (B*N*G, P_out, P_in).
+            M_cur (B*N*G, C, C), the full spatial filter S_full (B*N*G, P_out, P_in) and its
+            generated part S_cur (B*N*G, P_cur, P_in) (= the first P_cur rows of S_full).
         """
         BN = q.shape[0]
         G, C, P = self.num_groups, self.channels, self.in_points
@@ -194,9 +202,11 @@ class CascadeDynamicMixing(nn.Module):
                 x = F.layer_norm(y, (P, C)).relu()
 
         if self.num_reused_spatial > 0:
-            u = torch.sigmoid(gen["u"]).view(Mb, self.reused_rows, 1)
-            v = torch.sigmoid(gen["v"]).view(Mb, 1, P)
-            s_prev = bank.spatial[:, : self.reused_rows]
+            u = gen["u"].view(Mb, self.reused_rows, 1)  # sigmoid already applied
+            v = gen["v"].view(Mb, 1, P)
+            s_prev = bank.spatial
+            if s_prev.shape[1] != self.reused_rows:
+                s_prev = s_prev[:, : self.reused_rows]
             s_rep = s_cur if self.num_reused_spatial == 1 else s_cur.repeat(1, self.num_reused_spatial, 1)
             s_full = torch.cat([s_cur, torch.lerp(s_rep, s_prev, u * v)], dim=1)
         else:
@@ -207,7 +217,7 @@ class CascadeDynamicMixing(nn.Module):
             y = torch.bmm(s_full, x)
         y = F.layer_norm(y, (self.out_points, C)).relu()
         q = self.out_norm(q + self.out_proj(y.view(BN, G * self.out_points * C)))
-        return q, m_cur, s_full
+        return q, m_cur, s_full, s_cur
 
     def _step_filters(self, gen: Dict[str, Tensor], m_cur: Tensor, bank: FilterBank) -> Optional[Sequence[Tensor]]:
         """Channel filters of all reuse steps, adapted at once (see ``filter_usage``)."""
@@ -220,9 +230,9 @@ class CascadeDynamicMixing(nn.Module):
         if usage == "previous":
             return bank.channel.unbind(-1)
         Mb, C = m_cur.shape[0], self.channels
-        col, row = torch.sigmoid(gen["gates"]).view(Mb, C, 2, n).unbind(2)  # (Mb, C, n) each
+        col, row = gen["gates"].view(Mb, C, 2, 1, n).unbind(2)  # sigmoid already applied; (Mb, C, 1, n)
         # Eq. 3 as two interpolations towards M_cur (rows with a, then columns with c); this is
         # exactly (a c^T)*M_j + (1 - a c^T)*M_cur. Bank layout (Mb, C_in, C_out, n).
         cur = m_cur.unsqueeze(-1)
-        m_rows = torch.lerp(cur, bank.channel, row.unsqueeze(2))
-        return torch.lerp(cur, m_rows, col.unsqueeze(1)).unbind(-1)
+        m_rows = torch.lerp(cur, bank.channel, row)  # row gate a broadcast over output channels
+        return torch.lerp(cur, m_rows, col.view(Mb, 1, C, n)).unbind(-1)

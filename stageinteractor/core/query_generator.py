@@ -33,14 +33,9 @@ class InitialQueryGenerator(nn.Module):
         B = image_sizes.shape[0]
         N = self.num_queries
         content = F.layer_norm(self.content.weight, (self.query_dim,)).repeat(B, 1)
-        wh = image_sizes.flip(-1)  # (B, 2) = (w, h)
+        wh = image_sizes.view(B, 1, 2).flip(-1)  # (B, 1, 2) = (w, h)
         # (log2 w, log2 h) -> (z, r) = ((log2 w + log2 h) / 2, log2 h - log2 w): one product-sum
-        zr = (torch.log2(wh).unsqueeze(-1) * self.log_to_zr).sum(1)
+        zr = (torch.log2(wh).unsqueeze(-1) * self.log_to_zr).sum(-2)
         xyzr = torch.cat([wh * 0.5, zr], dim=-1)
-        boxes = torch.cat([torch.zeros_like(wh), wh], dim=-1)
-        return (
-            content,
-            xyzr.unsqueeze(1).expand(B, N, 4),
-            wh.unsqueeze(1).expand(B, N, 2),
-            boxes.unsqueeze(1).expand(B, N, 4),
-        )
+        boxes = F.pad(wh, (2, 0))  # (0, 0, w, h)
+        return content, xyzr.expand(B, N, 4), wh.expand(B, N, 2), boxes.expand(B, N, 4)

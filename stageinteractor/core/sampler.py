@@ -114,7 +114,7 @@ class PointSampler(nn.Module):
         # weighted sum over levels in one product-sum: (L, B*G, C/G, N, P) x (L, B*G, 1, N, P)
         out = (torch.stack(sampled_levels) * weights).sum(0)
         Cg = out.shape[1]
-        sampled = torch.permute_copy(out.view(B, G, Cg, N, P), (0, 3, 1, 4, 2)).view(B * N * G, P, Cg)
+        sampled = out.view(B, G, Cg, N, P).permute(0, 3, 1, 4, 2).reshape(B * N * G, P, Cg)
         pts = None
         if return_points:
             pts = torch.cat([xy.view(B, G, N, P, 2), z.view(B, G, N, P, 1)], dim=-1).transpose(1, 2)
@@ -195,7 +195,7 @@ class GroupedPointSampler(PointSampler):
         B, N = xyzr.shape[:2]
         G, K, S = self.num_groups, self.num_blocks, self.num_sub
         # one small copy into (B, G, N, ...) order so that every point tensor below is contiguous
-        o1 = torch.transpose_copy(gen["offsets"].view(B, N, G, K, 1, 3), 1, 2)  # (B, G, N, K, 1, 3)
+        o1 = gen["offsets"].view(B, N, G, K, 1, 3).transpose(1, 2).contiguous()  # (B, G, N, K, 1, 3)
         if self.per_group:
             o2 = gen["sub_offsets"].view(B, N, G, 1, S, 3).transpose(1, 2)
         else:
@@ -262,7 +262,7 @@ class Point3DSampler(PointSampler):
     def points(self, q: Tensor, gen: Dict[str, Tensor], xyzr: Tensor, wh: Tensor) -> Tuple[Tensor, Tensor]:
         B, N = xyzr.shape[:2]
         G, P = self.num_groups, self.num_points
-        o = torch.transpose_copy(gen["offsets"].view(B, N, G, P, 3), 1, 2)  # (B, G, N, P, 3)
+        o = gen["offsets"].view(B, N, G, P, 3).transpose(1, 2).contiguous()  # (B, G, N, P, 3)
         dxy, dz = o.split([2, 1], dim=-1)
         ctr, cz, _ = xyzr.view(B, 1, N, 1, 4).split([2, 1, 1], dim=-1)
         xy = torch.addcmul(ctr, wh.view(B, 1, N, 1, 2), dxy)

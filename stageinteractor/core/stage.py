@@ -110,6 +110,12 @@ class DecoderStage(nn.Module):
         )
         self.num_groups = num_groups
         self.generator_layout = self.sampler.generator_blocks() + self.mixing.generator_blocks()
+        gate_names = self.mixing.sigmoid_blocks()
+        self._plain_layout = [b for b in self.generator_layout if b[0] not in gate_names]
+        self._gate_layout = [b for b in self.generator_layout if b[0] in gate_names]
+        if self.generator_layout != self._plain_layout + self._gate_layout:
+            raise AssertionError("gate blocks must be the trailing blocks of the generator")
+        self._gate_rows = sum(r for _, r in self._gate_layout)
         self.generator = nn.Linear(query_dim, num_groups * sum(r for _, r in self.generator_layout))
         self.ffn_fc1 = nn.Linear(query_dim, ffn_dim)
         self.ffn_fc2 = nn.Linear(ffn_dim, query_dim)
@@ -123,6 +129,18 @@ class DecoderStage(nn.Module):
         self.register_buffer("half_sign", torch.tensor([-0.5, 0.5]), persistent=False)
         self.register_buffer("corner_half", torch.tensor([-0.5, -0.5, 0.5, 0.5]), persistent=False)
         self.reset_parameters()
+
+    def generate(self, q: Tensor) -> Dict[str, Tensor]:
+        """One GEMM for all generator blocks: (B*N, D) -> {block: (B*N*G, rows)}; a single sigmoid
+        is applied to the trailing gate blocks."""
+        out = self.generator(q).view(q.shape[0] * self.num_groups, -1)
+        names = [n for n, _ in self._plain_layout]
+        parts = list(out.split([r for _, r in self._plain_layout] + [self._gate_rows], 1))
+        gen = dict(zip(names, parts))
+        if self._gate_rows:
+            gates = torch.sigmoid(parts[-1]).split([r for _, r in self._gate_layout], 1)
+            gen.update(zip((n for n, _ in self._gate_layout), gates))
+        return gen
 
     def generator_bias_blocks(self) -> Dict[str, Tensor]:
         """Views (G, rows) of ``generator.bias`` per block (for init / inspection)."""
@@ -174,14 +192,9 @@ class DecoderStage(nn.Module):
         attn = self.attention(x, log_iof)
         q = self.attention_norm((x if self.pe_residual == "stream" else q) + attn)
         # (c) sampling, (d) cascade dynamic mixing
-        gen = dict(
-            zip(
-                (name for name, _ in self.generator_layout),
-                self.generator(q).view(B * N * self.num_groups, -1).split([r for _, r in self.generator_layout], 1),
-            )
-        )
+        gen = self.generate(q)
         sampled, points = self.sampler(q, gen, xyzr, wh, features, grid_scales, return_sampling_points)
-        q, m_cur, s_full = self.mixing(q, gen, sampled, bank)
+        q, m_cur, s_full, s_cur = self.mixing(q, gen, sampled, bank)
         # (e) FFN and heads
         q = self.ffn_norm(q + self.ffn_fc2(self.ffn_fc1(q).relu()))
         logits = self.cls_logits(self.cls_norm(self.cls_fc(q)).relu())
@@ -195,6 +208,7 @@ class DecoderStage(nn.Module):
             "boxes": new_boxes,
             "m_cur": m_cur,
             "s_full": s_full,
+            "s_cur": s_cur,
             "sampling_points": points,
         }
 

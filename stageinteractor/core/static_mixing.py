@@ -60,7 +60,7 @@ class StaticMixing(nn.Module):
         K, S, C = self.num_blocks, self.num_sub, self.channels
         if self.kind == "channel_spatial":
             intra = F.linear(x.view(M * K, S * C), self.intra.weight, self.intra.bias).view(M, K, S, C)
-            xt = torch.transpose_copy(x.view(M, K, S, C), 1, 2).view(M * S, K * C)
+            xt = x.view(M, K, S, C).transpose(1, 2).contiguous().view(M * S, K * C)
             inter = F.linear(xt, self.inter.weight, self.inter.bias).view(M, S, K, C).transpose(1, 2)
             return residual + intra + inter
         if self.kind == "channel":

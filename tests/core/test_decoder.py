@@ -86,8 +86,9 @@ def test_adapter_equals_eq3_outer_product():
     gates = torch.randn(Mb, C * 2 * n, generator=g)
     m_cur = torch.randn(Mb, C, C, generator=g)
     bank = torch.randn(Mb, C, C, n, generator=g)
-    got = mix._step_filters({"gates": gates}, m_cur, FilterBank(channel=bank))
-    sig = torch.sigmoid(gates).view(Mb, C, 2, n)
+    sig = torch.sigmoid(gates)  # the stage's generator applies the sigmoid to the gate blocks
+    got = mix._step_filters({"gates": sig}, m_cur, FilterBank(channel=bank))
+    sig = sig.view(Mb, C, 2, n)
     for m in range(n):
         for b in range(Mb):
             a_row = sig[b, :, 1, m]  # row / input-channel gate
@@ -95,6 +96,22 @@ def test_adapter_equals_eq3_outer_product():
             w = torch.outer(a_row, c_col)
             exp = w * bank[b, :, :, m] + (1 - w) * m_cur[b]
             assert torch.allclose(got[m][b], exp, atol=1e-6)
+
+
+def test_stage_generator_blocks_and_gate_sigmoid():
+    d = small()
+    st = d.stages[5]
+    assert [b for b, _ in st.generator_layout] == ["offsets", "M", "S", "b_M", "b_S", "beta", "gates", "u", "v"]
+    perturb(st)
+    q = torch.randn(3, 32)
+    gen = st.generate(q)
+    raw = st.generator(q).view(3 * 4, -1)
+    start = 0
+    for name, rows in st.generator_layout:
+        exp = raw[:, start:start + rows]
+        exp = torch.sigmoid(exp) if name in ("gates", "u", "v") else exp
+        assert torch.allclose(gen[name], exp, atol=1e-6), name
+        start += rows
 
 
 def _bilinear_zero_pad(fmap, fx, fy):
