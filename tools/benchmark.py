@@ -1,0 +1,765 @@
+#!/usr/bin/env python3
+"""Speed, memory, FLOPs, parameters and aten-call counts of one or two LazyConfig models.
+
+    python tools/benchmark.py --config-file A [--compare-config B] [--compare-opts k=v ...]
+        [--device cpu|cuda] [--image-size H W] [--batch-size N] [--iters N] [--warmup N]
+        [--train] [--amp] [--compile] [--json PATH] [--count-ops] [--stress N] [--decoder-only]
+        [--threads T] [--memory-repeats R] [key=value ...]
+
+* Trailing ``key=value`` overrides apply to A, ``--compare-opts`` to B. ``--compare-opts``
+  without ``--compare-config`` compares A's config with itself plus those overrides (e.g. CSLA
+  off: ``--compare-opts model.criterion.assigner.enabled=False``).
+* Works for configs/ (StageInteractor, AdaMixer) and detrex configs (their own model; on CPU a
+  detrex ``DINO`` is swapped for the device-agnostic DINO of ``stageinteractor.detrex_ext``).
+  Weights are random (speed and memory do not depend on them). Inputs: synthetic uint8 images
+  of ``--image-size`` with 8 random ground-truth boxes each (training).
+* Timings: A and B are measured **interleaved in one process** (ABBA order per iteration), so
+  machine noise hits both; every figure comes with its spread (median, quartiles, min, max) and
+  the ratios are ratios of medians (``*_paired`` = median of per-iteration A/B ratios).
+  Inference = ``model(batch)`` in eval mode under ``no_grad`` (images/s = batch / time);
+  ``--train`` adds the training step (forward + backward + AdamW step); ``--decoder-only`` times
+  only the decoder (+ top-k) on precomputed neck outputs and skips the whole-model figures.
+* Peak training memory: CUDA = allocator peak (``max_memory_allocated``) over the training steps;
+  CPU = in a **fresh subprocess per measurement**: the peak resident memory (kernel high-water
+  mark VmHWM, reset after the imports via /proc/self/clear_refs; fallback ``ru_maxrss``) over
+  model build + 2 training steps, minus the resident memory after the imports (i.e. weights,
+  optimizer state and activations; interpreter and libraries excluded), repeated
+  ``--memory-repeats`` times alternating A and B.
+* FLOPs: fvcore with handles for every matrix product incl. ``bmm``/``baddbmm``/``matmul``/SDPA
+  (``stageinteractor.d2.flops``), batch 1 at ``--image-size``; 1 FLOP = 1 multiply-add.
+* ``--count-ops``: aten calls (``stageinteractor.core.op_count``) of one batch-1 ``no_grad``
+  decoder inference (query generator, stages, top-k; no backbone/neck) and of the forward of one
+  training step (decoder + criterion as configured), per stage and per op.
+* Load: 1-minute load average and the CPU share used by *other* processes during the run
+  (``/proc/stat`` busy time minus this process's and its children's CPU time, over wall time x
+  cores); a warning is printed when the machine is busy. ``--stress N`` starts N CPU-bound
+  worker processes (self-terminating after a time limit, stopped by this tool, also on Ctrl-C)
+  and reports each model's slowdown (stressed / idle median) for the decoder and the backbone.
+
+JSON (``--json``): ``{"settings", "load", "a", "b", "ratios", "stress"}``; ``a``/``b`` hold
+``params``, ``flops``, ``inference_images_per_s``, ``train_step_s``, ``train_peak_memory_bytes``
+(medians; ``*_spread`` dicts alongside), ``decoder_only_s``, ``decoder_aten_calls``,
+``decoder_aten_calls_train``, ``decoder_aten_calls_by_op`` (+ ``_by_stage``) and ``load_info``.
+"""
+import argparse
+import contextlib
+import json
+import os
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+_IMPORT_PEAK_RSS = None  # set by the memory worker right after the imports
+
+
+def log(msg: str) -> None:
+    print(f"[benchmark {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------ statistics
+def spread(values: Sequence[float]) -> Optional[Dict[str, Any]]:
+    """median, quartiles, IQR, min, max of a list (None if empty)."""
+    xs = sorted(float(v) for v in values)
+    if not xs:
+        return None
+    if len(xs) >= 2:
+        q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    else:
+        q1 = q3 = xs[0]
+    return {"median": statistics.median(xs), "q1": q1, "q3": q3, "iqr": q3 - q1, "min": xs[0],
+            "max": xs[-1], "n": len(xs), "values": xs}
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or b in (None, 0) else float(a) / float(b)
+
+
+# ------------------------------------------------------------------------------------ load
+def _proc_stat_busy() -> Optional[float]:
+    """Busy CPU seconds of the whole machine since boot (user+nice+system+irq+softirq+steal)."""
+    try:
+        with open("/proc/stat") as f:
+            parts = f.readline().split()
+        v = [int(x) for x in parts[1:]]
+        return (v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _loadavg1() -> Optional[float]:
+    try:
+        return float(os.getloadavg()[0])
+    except OSError:
+        return None
+
+
+class LoadMonitor:
+    """Machine load during a section: 1-min load average (start/end) and the CPU share of other
+    processes = (machine busy time - own CPU time) / (wall time x cores)."""
+
+    def __init__(self):
+        self.ncpu = os.cpu_count() or 1
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _proc_stat_busy(), _own_cpu()
+        self.load_start = _loadavg1()
+
+    def result(self) -> Dict[str, Any]:
+        wall = time.perf_counter() - self.t0
+        busy1, own1 = _proc_stat_busy(), _own_cpu()
+        others = None
+        if self.busy0 is not None and busy1 is not None and wall > 0:
+            others = max(0.0, ((busy1 - self.busy0) - (own1 - self.own0)) / (wall * self.ncpu))
+        res = {"loadavg_1min_start": self.load_start, "loadavg_1min_end": _loadavg1(), "cpus": self.ncpu,
+               "other_processes_cpu_share": others, "own_cpu_s": own1 - self.own0, "wall_s": wall}
+        loads = [x for x in (res["loadavg_1min_start"], res["loadavg_1min_end"]) if x is not None]
+        res["busy"] = bool((others is not None and others > 0.2) or (loads and max(loads) > 0.75 * self.ncpu))
+        return res
+
+
+# ------------------------------------------------------------------------------------ stress
+_BUSY_LOOP = "import sys, time\nend = time.time() + float(sys.argv[1])\nx = 0\nwhile time.time() < end:\n    x += 1\n"
+
+
+class Stressor:
+    """N CPU-bound worker processes (each exits by itself after ``limit_s``); stopped on exit of the
+    ``with`` block (also on Ctrl-C / exceptions) by their process ids."""
+
+    def __init__(self, num: int, limit_s: float):
+        self.num, self.limit_s = num, limit_s
+        self.procs: List[subprocess.Popen] = []
+
+    def __enter__(self):
+        for _ in range(self.num):
+            self.procs.append(subprocess.Popen([sys.executable, "-c", _BUSY_LOOP, str(self.limit_s)]))
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs = []
+        return False
+
+
+# ------------------------------------------------------------------------------------ models
+def _add_import_roots(config_file: str) -> None:
+    """detrex configs import ``projects.<name>``: put the repository root above ``projects/``
+    (and detrex's checkout) on sys.path."""
+    path = os.path.abspath(config_file)
+    marker = os.sep + "projects" + os.sep
+    roots = [path[: path.index(marker)]] if marker in path else []
+    try:
+        import detrex
+
+        roots.append(os.path.dirname(os.path.dirname(os.path.abspath(detrex.__file__))))
+    except ImportError:
+        pass
+    for root in roots:
+        if os.path.isdir(os.path.join(root, "projects")) and root not in sys.path:
+            sys.path.append(root)
+
+
+def build_model(config_file: str, opts: Sequence[str], device: str):
+    """Instantiate ``model`` of a LazyConfig (random weights) on ``device``; returns (model, info)."""
+    from detectron2.config import LazyConfig, instantiate
+
+    from stageinteractor.d2.engine import apply_overrides_strict
+
+    if not os.path.isfile(config_file):
+        raise SystemExit(f"benchmark: config file {config_file!r} does not exist")
+    _add_import_roots(config_file)
+    cfg = LazyConfig.load(config_file)
+    cfg = apply_overrides_strict(cfg, list(opts))
+    if "model" not in cfg:
+        raise SystemExit(f"benchmark: config {config_file} has no top-level 'model'")
+    swapped = False
+    if device == "cpu":
+        try:
+            from stageinteractor.detrex_ext.swap import use_device_agnostic_dino
+
+            use_device_agnostic_dino(cfg.model)
+            swapped = True
+        except (ImportError, ValueError):
+            pass  # not a detrex DINO model
+    if "device" in cfg.model:
+        cfg.model.device = device
+    t0 = time.perf_counter()
+    model = instantiate(cfg.model).to(device)
+    info = {"config_file": config_file, "opts": list(opts), "class": type(model).__qualname__,
+            "device_agnostic_dino": swapped, "build_s": time.perf_counter() - t0}
+    return model, info
+
+
+def is_stageinteractor(model) -> bool:
+    return all(hasattr(model, a) for a in ("extract_features", "decoder", "criterion")) and hasattr(
+        model.decoder, "stages")
+
+
+def _num_classes(model) -> int:
+    for obj in (getattr(model, "decoder", None), model):
+        n = getattr(obj, "num_classes", None)
+        if isinstance(n, int):
+            return n
+    return 80
+
+
+def make_batch(model, batch: int, h: int, w: int, seed: int = 0) -> List[Dict[str, Any]]:
+    """Synthetic detectron2 batch: uint8 (3, h, w) images with 8 ground-truth boxes each."""
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(batch):
+        img = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+        xy = torch.rand(8, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
+        wh = (0.05 + 0.25 * torch.rand(8, 2, generator=g)) * torch.tensor([w, h])
+        inst = Instances((h, w))
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1))
+        inst.gt_classes = torch.randint(0, _num_classes(model), (8,), generator=g)
+        out.append({"image": img, "height": h, "width": w, "instances": inst})
+    return out
+
+
+def _decoder_module(model):
+    if hasattr(model, "decoder"):
+        return model.decoder
+    tr = getattr(model, "transformer", None)
+    return getattr(tr, "decoder", None)
+
+
+def _stage_list(decoder) -> Optional[Any]:
+    for name in ("stages", "layers"):
+        if decoder is not None and hasattr(decoder, name):
+            return getattr(decoder, name)
+    return None
+
+
+# ------------------------------------------------------------------------------------ params
+def param_counts(model) -> Dict[str, Any]:
+    """Total / trainable parameters, per top-level module and per decoder stage."""
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    res = {"total": count(model), "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+           "modules": {n: count(m) for n, m in model.named_children()}}
+    dec = _decoder_module(model)
+    stages = _stage_list(dec)
+    res["decoder"] = count(dec) if dec is not None else None
+    res["decoder_stages"] = [count(s) for s in stages] if stages is not None else []
+    return res
+
+
+# ------------------------------------------------------------------------------------ flops
+def _normalized_images(model, batch):
+    images = model.preprocess_image(batch)
+    return images.tensor, model._image_sizes_tensor(images)
+
+
+def count_flops(model, h: int, w: int) -> Dict[str, Any]:
+    """fvcore FLOPs (incl. batched matrix products) of a batch-1 inference at (h, w)."""
+    import torch
+    from torch import nn
+
+    from stageinteractor.core.postprocess import topk_detections
+    from stageinteractor.d2.flops import flop_analysis, matrix_product_flops
+
+    batch = make_batch(model, 1, h, w)
+    model.eval()
+    if is_stageinteractor(model):
+
+        class _Inference(nn.Module):
+            """Backbone + neck + decoder + top-k; every stage's outputs are returned so that the
+            trace keeps the heads of all stages (the eager model computes them)."""
+
+            def __init__(self, m):
+                super().__init__()
+                self.model = m
+
+            def forward(self, images, sizes):
+                outs = self.model.decoder(self.model.extract_features(images), sizes)
+                det = topk_detections(outs[-1]["logits"], outs[-1]["boxes"], self.model.max_detections_per_image)
+                return tuple(o[k] for o in outs for k in ("logits", "boxes")) + (det["scores"], det["boxes"])
+
+        with torch.no_grad():
+            analysis = flop_analysis(_Inference(model), _normalized_images(model, batch))
+    else:
+        with torch.no_grad():
+            analysis = flop_analysis(model, batch, detectron2_inputs=True)
+    by_module = {k[len("model."):] if k.startswith("model.") else k: int(v) for k, v in analysis.by_module().items()}
+    res = {"total": int(analysis.total()), "by_operator": {k: int(v) for k, v in analysis.by_operator().items()},
+           "matrix_products": matrix_product_flops(analysis),
+           "modules": {n: by_module.get(n, 0) for n, _ in model.named_children()},
+           "unsupported_ops": dict(analysis.unsupported_ops())}
+    dec = _decoder_module(model)
+    stages = _stage_list(dec)
+    dec_name = next((n for n, m in model.named_modules() if m is dec), None)
+    if dec_name is not None:
+        res["decoder"] = by_module.get(dec_name, 0)
+        sname = "stages" if hasattr(dec, "stages") else "layers"
+        res["decoder_stages"] = [by_module.get(f"{dec_name}.{sname}.{i}", 0) for i in range(len(stages or []))]
+    return res
+
+
+# ------------------------------------------------------------------------------------ op counts
+def count_ops(model, h: int, w: int) -> Dict[str, Any]:
+    import torch
+
+    from stageinteractor.core.op_count import count_decoder_inference, count_decoder_training
+    from stageinteractor.core.postprocess import topk_detections
+
+    batch = make_batch(model, 1, h, w)
+    with torch.no_grad():
+        model.eval()
+        images, sizes = _normalized_images(model, batch)
+        feats = [f.detach() for f in model.extract_features(images)]
+    k = model.max_detections_per_image
+    inf = count_decoder_inference(
+        model.decoder, feats, sizes, postprocess=lambda outs: topk_detections(outs[-1]["logits"], outs[-1]["boxes"], k))
+    model.train()
+    gt_boxes, gt_classes, gt_mask = model.prepare_targets(batch)
+    tr = count_decoder_training(model.decoder, model.criterion, feats, sizes,
+                                {"gt_boxes": gt_boxes, "gt_classes": gt_classes, "gt_mask": gt_mask})
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    assigner = getattr(model.criterion, "assigner", None)
+    return {"inference": inf, "train_forward": tr,
+            "csla_enabled": getattr(assigner, "enabled", None) if assigner is not None else None}
+
+
+# ------------------------------------------------------------------------------------ timing
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _autocast(device: str, amp: bool):
+    import torch
+
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+
+
+def interleaved(fns: Dict[str, Callable[[], Any]], iters: int, warmup: int, device: str, what: str) -> Dict[str, List[float]]:
+    """Run the callables alternately (ABBA per iteration); seconds per call for each."""
+    names = list(fns)
+    for i in range(warmup):
+        for n in names:
+            fns[n]()
+        log(f"{what}: warm-up {i + 1}/{warmup}")
+    times = {n: [] for n in names}
+    for i in range(iters):
+        order = names if i % 2 == 0 else names[::-1]
+        for n in order:
+            _sync(device)
+            t0 = time.perf_counter()
+            fns[n]()
+            _sync(device)
+            times[n].append(time.perf_counter() - t0)
+        log(f"{what}: {i + 1}/{iters} " + "  ".join(f"{n}={times[n][-1]:.3f}s" for n in names))
+    return times
+
+
+def inference_fn(model, batch, device: str, amp: bool):
+    import torch
+
+    def run():
+        model.eval()
+        with torch.no_grad(), _autocast(device, amp):
+            model(batch)
+
+    return run
+
+
+def train_fn(model, batch, device: str, amp: bool):
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6, weight_decay=1e-4)
+
+    def run():
+        model.train()
+        with _autocast(device, amp):
+            losses = model(batch)
+        loss = sum(v for v in losses.values() if torch.is_tensor(v))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return run
+
+
+def decoder_fns(model, batch, device: str, amp: bool):
+    """(decoder-only callable on precomputed neck outputs, backbone+neck callable) or (None, None)."""
+    import torch
+
+    from stageinteractor.core.postprocess import topk_detections
+
+    if not is_stageinteractor(model):
+        return None, None
+    model.eval()
+    with torch.no_grad():
+        images, sizes = _normalized_images(model, batch)
+        feats = [f.detach() for f in model.extract_features(images)]
+    k = model.max_detections_per_image
+
+    def dec():
+        with torch.no_grad(), _autocast(device, amp):
+            out = model.decoder(feats, sizes)[-1]
+            topk_detections(out["logits"].float(), out["boxes"].float(), k)
+
+    def backbone():
+        with torch.no_grad(), _autocast(device, amp):
+            model.extract_features(images)
+
+    return dec, backbone
+
+
+# ------------------------------------------------------------------------------------ memory
+def _rss_bytes(ru_maxrss: int) -> int:
+    return int(ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
+
+
+def _status_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (VmHWM) of this process (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kib("VmHWM") is not None
+    except OSError:
+        return False
+
+
+def memory_worker(args) -> None:
+    """Fresh-process CPU peak-memory measurement; prints one JSON line.
+
+    Baseline = resident memory after the imports (VmRSS, with the high-water mark VmHWM reset
+    there via /proc/self/clear_refs); peak = VmHWM after 2 training steps (model build included).
+    Without clear_refs: ``ru_maxrss`` after the steps minus ``ru_maxrss`` after the imports."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if _reset_peak_rss():
+        method, base = "VmHWM-VmRSS(after imports)", _status_kib("VmRSS") * 1024
+    else:
+        method, base = "ru_maxrss delta", _rss_bytes(_IMPORT_PEAK_RSS)
+    model, _ = build_model(args.config_file, args.opts, "cpu")
+    if args.compile and is_stageinteractor(model):
+        model.decoder = torch.compile(model.decoder)
+    h, w = args.image_size
+    step = train_fn(model, make_batch(model, args.batch_size, h, w), "cpu", args.amp)
+    for _ in range(2):
+        step()
+    if method.startswith("VmHWM"):
+        peak = _status_kib("VmHWM") * 1024
+    else:
+        peak = _rss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    print("MEMORY_RESULT " + json.dumps({"peak_rss_bytes": peak, "baseline_rss_bytes": base, "method": method,
+                                         "train_peak_memory_bytes": max(0, peak - base)}), flush=True)
+
+
+def measure_memory_cpu(args, which: Dict[str, tuple]) -> Dict[str, List[int]]:
+    """``which``: name -> (config_file, opts). Fresh subprocess per measurement, alternating."""
+    res = {n: [] for n in which}
+    for r in range(args.memory_repeats):
+        for n, (cfg, opts) in which.items():
+            cmd = [sys.executable, os.path.abspath(__file__), "--_memory-worker", "--config-file", cfg,
+                   "--image-size", str(args.image_size[0]), str(args.image_size[1]),
+                   "--batch-size", str(args.batch_size)]
+            cmd += ["--threads", str(args.threads)] if args.threads else []
+            cmd += ["--amp"] if args.amp else []
+            cmd += ["--compile"] if args.compile else []
+            cmd += ["--", *opts]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("MEMORY_RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                raise RuntimeError(f"memory worker for {n} ({cfg}) failed (exit {proc.returncode}):\n"
+                                   f"{proc.stderr[-3000:]}")
+            res[n].append(json.loads(line[len("MEMORY_RESULT "):])["train_peak_memory_bytes"])
+            log(f"memory {r + 1}/{args.memory_repeats} {n}: {res[n][-1] / 2**20:.1f} MiB")
+    return res
+
+
+def measure_memory_cuda(models: Dict[str, Any], batch, device: str, amp: bool) -> Dict[str, List[int]]:
+    import torch
+
+    res = {}
+    for n, m in models.items():
+        step = train_fn(m, batch[n], device, amp)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        res[n] = [int(torch.cuda.max_memory_allocated())]
+    return res
+
+
+# ------------------------------------------------------------------------------------ main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", required=True)
+    p.add_argument("--compare-config", default=None)
+    p.add_argument("--compare-opts", nargs="*", default=None, metavar="KEY=VALUE",
+                   help="overrides for B only (B = A's config when --compare-config is absent)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--image-size", nargs=2, type=int, default=(800, 1216), metavar=("H", "W"))
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--train", action="store_true", help="also time training steps and peak memory")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder (whole model for others)")
+    p.add_argument("--json", default=None, metavar="PATH")
+    p.add_argument("--count-ops", action="store_true")
+    p.add_argument("--stress", type=int, default=0, metavar="N")
+    p.add_argument("--decoder-only", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--memory-repeats", type=int, default=2)
+    p.add_argument("--no-flops", action="store_true", help="skip the fvcore FLOP count")
+    p.add_argument("--_memory-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("opts", nargs="*", default=[], help="overrides of A, key=value (after the options, or "
+                   "before --compare-opts, whose values run up to the next option)")
+    args = p.parse_args(argv)
+    args.opts = [o for o in args.opts if o != "--"]
+    if args.compare_opts is not None:
+        args.compare_opts = [o for o in args.compare_opts if o != "--"]
+    for name in ("batch_size", "iters"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0 or args.stress < 0 or min(args.image_size) < 32:
+        p.error("--warmup/--stress must be >= 0 and --image-size >= 32")
+    return args
+
+
+def _print_table(res: Dict[str, Any], names: List[str]) -> None:
+    def fmt(v, scale=1.0, digits=3):
+        return "-" if v is None else f"{v / scale:.{digits}f}"
+
+    rows = [("params (M)", lambda r: fmt(r["params"]["total"], 1e6)),
+            ("  decoder params (M)", lambda r: fmt(r["params"]["decoder"], 1e6)),
+            ("FLOPs (G)", lambda r: fmt(r["flops"]["total"] if r["flops"] else None, 1e9, 2)),
+            ("  decoder FLOPs (G)", lambda r: fmt((r["flops"] or {}).get("decoder"), 1e9, 2)),
+            ("inference img/s", lambda r: fmt(r["inference_images_per_s"])),
+            ("train step (s)", lambda r: fmt(r["train_step_s"])),
+            ("train peak mem (MiB)", lambda r: fmt(r["train_peak_memory_bytes"], 2**20, 1)),
+            ("decoder-only (s)", lambda r: fmt(r["decoder_only_s"], 1.0, 4)),
+            ("decoder aten calls", lambda r: str(r["decoder_aten_calls"] or "-")),
+            ("decoder aten calls (train fwd)", lambda r: str(r["decoder_aten_calls_train"] or "-"))]
+    print(f"{'':32s}" + "".join(f"{n:>16s}" for n in names))
+    for label, f in rows:
+        print(f"{label:32s}" + "".join(f"{f(res[n]):>16s}" for n in names))
+
+
+def main(argv=None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmark: --device cuda but CUDA is not available")
+    specs = {"a": (args.config_file, args.opts)}
+    if args.compare_config or args.compare_opts is not None:
+        specs["b"] = (args.compare_config or args.config_file, args.compare_opts or [])
+    names = list(specs)
+    h, w = args.image_size
+    monitor = LoadMonitor()
+    models, infos, batches, res = {}, {}, {}, {}
+    for n, (cfg, opts) in specs.items():
+        log(f"building {n}: {cfg} {' '.join(opts)}")
+        models[n], infos[n] = build_model(cfg, opts, args.device)
+        batches[n] = make_batch(models[n], args.batch_size, h, w)
+        res[n] = {"load_info": infos[n], "params": param_counts(models[n]), "flops": None,
+                  "inference_images_per_s": None, "inference_s_spread": None, "train_step_s": None,
+                  "train_step_s_spread": None, "train_peak_memory_bytes": None,
+                  "train_peak_memory_spread": None, "decoder_only_s": None, "decoder_only_s_spread": None,
+                  "decoder_aten_calls": None, "decoder_aten_calls_train": None,
+                  "decoder_aten_calls_by_op": None, "decoder_aten_calls_by_stage": None,
+                  "decoder_aten_calls_train_by_op": None, "decoder_aten_calls_train_by_stage": None}
+    for n in names:
+        m = models[n]
+        if not args.no_flops:
+            log(f"{n}: counting FLOPs (fvcore, batch 1, {h}x{w})")
+            try:
+                res[n]["flops"] = count_flops(m, h, w)
+            except Exception as e:  # noqa: BLE001 - a model fvcore cannot trace still gets timed
+                log(f"{n}: FLOP count failed: {type(e).__name__}: {e}")
+                res[n]["flops"] = {"total": None, "error": f"{type(e).__name__}: {e}"}
+        if args.count_ops:
+            if is_stageinteractor(m):
+                log(f"{n}: counting decoder aten calls")
+                ops = count_ops(m, h, w)
+                res[n].update(
+                    decoder_aten_calls=ops["inference"]["total"], decoder_aten_calls_by_op=ops["inference"]["by_op"],
+                    decoder_aten_calls_by_stage=ops["inference"]["by_section"],
+                    decoder_aten_calls_train=ops["train_forward"]["total"],
+                    decoder_aten_calls_train_by_op=ops["train_forward"]["by_op"],
+                    decoder_aten_calls_train_by_stage=ops["train_forward"]["by_section"],
+                    csla_enabled=ops["csla_enabled"])
+            else:
+                log(f"{n}: --count-ops needs a StageInteractor-style model (decoder.stages); skipped")
+    if args.compile:
+        for n, m in models.items():
+            if is_stageinteractor(m):
+                m.decoder = torch.compile(m.decoder)
+            else:
+                models[n] = torch.compile(m)
+
+    times = {}
+    if args.decoder_only:
+        fns = {n: decoder_fns(models[n], batches[n], args.device, args.amp)[0] for n in names}
+        fns = {n: f for n, f in fns.items() if f is not None}
+        if fns:
+            times["decoder_only"] = interleaved(fns, args.iters, args.warmup, args.device, "decoder-only")
+    else:
+        fns = {n: inference_fn(models[n], batches[n], args.device, args.amp) for n in names}
+        times["inference"] = interleaved(fns, args.iters, args.warmup, args.device, "inference")
+        if args.train:
+            fns = {n: train_fn(models[n], batches[n], args.device, args.amp) for n in names}
+            times["train"] = interleaved(fns, args.iters, args.warmup, args.device, "train step")
+    for n in names:
+        r = res[n]
+        if "decoder_only" in times and n in times["decoder_only"]:
+            r["decoder_only_s_spread"] = spread(times["decoder_only"][n])
+            r["decoder_only_s"] = r["decoder_only_s_spread"]["median"]
+            r["decoder_only_images_per_s"] = args.batch_size / r["decoder_only_s"]
+        if "inference" in times:
+            r["inference_s_spread"] = spread(times["inference"][n])
+            r["inference_images_per_s"] = args.batch_size / r["inference_s_spread"]["median"]
+        if "train" in times:
+            r["train_step_s_spread"] = spread(times["train"][n])
+            r["train_step_s"] = r["train_step_s_spread"]["median"]
+    load = monitor.result()  # load of the timed sections (memory workers and stress excluded)
+    if args.train and not args.decoder_only:
+        log("peak training memory")
+        if args.device == "cuda":
+            mem = measure_memory_cuda(models, batches, args.device, args.amp)
+        else:
+            mem = measure_memory_cpu(args, specs)
+        for n in names:
+            res[n]["train_peak_memory_spread"] = spread(mem[n])
+            res[n]["train_peak_memory_bytes"] = res[n]["train_peak_memory_spread"]["median"]
+    for n in names:
+        res[n]["load_info"]["load"] = load
+
+    stress = None
+    if args.stress:
+        stress = {"workers": args.stress, "models": {}}
+        fns = {}
+        for n in names:
+            dec, bb = decoder_fns(models[n], batches[n], args.device, args.amp)
+            if dec is not None:
+                fns[f"{n}.decoder"], fns[f"{n}.backbone"] = dec, bb
+        if fns:
+            idle = interleaved(fns, args.iters, args.warmup, args.device, "stress: idle")
+            limit = 60 + 30 * args.iters * len(fns)
+            with Stressor(args.stress, limit):
+                busy = interleaved(fns, args.iters, 1, args.device, f"stress: {args.stress} workers")
+            for key in fns:
+                n, part = key.split(".")
+                i_med, s_med = statistics.median(idle[key]), statistics.median(busy[key])
+                stress["models"].setdefault(n, {})[part] = {
+                    "idle_s": spread(idle[key]), "stressed_s": spread(busy[key]), "slowdown": s_med / i_med}
+
+    ratios = {}
+    if "b" in res:
+        a, b = res["a"], res["b"]
+        ratios = {
+            "inference_images_per_s": _ratio(a["inference_images_per_s"], b["inference_images_per_s"]),
+            "train_step_s": _ratio(a["train_step_s"], b["train_step_s"]),
+            "train_peak_memory_bytes": _ratio(a["train_peak_memory_bytes"], b["train_peak_memory_bytes"]),
+            "decoder_only_s": _ratio(a["decoder_only_s"], b["decoder_only_s"]),
+            "decoder_only_images_per_s": _ratio(b["decoder_only_s"], a["decoder_only_s"]),
+            "params": _ratio(a["params"]["total"], b["params"]["total"]),
+            "flops": _ratio((a["flops"] or {}).get("total"), (b["flops"] or {}).get("total")),
+        }
+        for key, src in (("inference_images_per_s_paired", "inference"), ("train_step_s_paired", "train"),
+                         ("decoder_only_s_paired", "decoder_only")):
+            if src in times and "b" in times[src]:
+                pr = [x / y for x, y in zip(times[src]["a"], times[src]["b"])]
+                ratios[key] = statistics.median([1 / r for r in pr] if src == "inference" else pr)
+    out = {"settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+           "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "load": load,
+           "a": res["a"], "b": res.get("b"), "ratios": ratios, "stress": stress}
+    _print_table(res, names)
+    if ratios:
+        print("ratios A/B: " + ", ".join(f"{k}={v:.3f}" for k, v in ratios.items() if v is not None))
+    for n in names:
+        if res[n]["decoder_aten_calls_by_stage"]:
+            print(f"{n}: decoder aten calls per section (inference): {res[n]['decoder_aten_calls_by_stage']}")
+            print(f"{n}: decoder aten calls per section (train fwd): {res[n]['decoder_aten_calls_train_by_stage']}")
+            top = list(res[n]["decoder_aten_calls_by_op"].items())[:15]
+            print(f"{n}: top ops (inference): " + ", ".join(f"{k}={v}" for k, v in top))
+    if stress:
+        for n, parts in stress["models"].items():
+            print(f"{n}: slowdown under {args.stress} stress workers: "
+                  + ", ".join(f"{p}={v['slowdown']:.2f}x" for p, v in parts.items()))
+    oth = load["other_processes_cpu_share"]
+    print(f"load: 1-min loadavg {load['loadavg_1min_start']} -> {load['loadavg_1min_end']}, other processes used "
+          f"{'n/a' if oth is None else f'{100 * oth:.0f}%'} of {load['cpus']} CPUs")
+    if load["busy"]:
+        print("WARNING: the machine was busy during the measurements: absolute timings are noisy; "
+              "A/B ratios (interleaved) are more robust", file=sys.stderr)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+        log(f"wrote {args.json}")
+    return out
+
+
+def _handle_sigterm(signum, frame):
+    raise KeyboardInterrupt  # so that `with Stressor(...)` stops its workers
+
+
+if __name__ == "__main__":
+    if "--_memory-worker" in sys.argv:
+        import torch  # noqa: F401  (imports before the baseline reading)
+        import detectron2.config  # noqa: F401
+
+        import stageinteractor.d2.engine  # noqa: F401
+        import scipy.optimize  # noqa: F401  (the matcher's; loaded lazily otherwise)
+
+        _x = torch.ones(2, requires_grad=True)  # autograd engine start-up before the baseline
+        (_x * 2).sum().backward()
+
+        _IMPORT_PEAK_RSS = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        memory_worker(parse_args())
+    else:
+        signal.signal(signal.SIGTERM, _handle_sigterm)
+        main()
