@@ -301,21 +301,16 @@ def _all_keys(node, prefix: str = "") -> List[str]:
     return out
 
 
+_MISSING = object()
+
+
 def _key_exists(cfg, key: str) -> bool:
-    node = cfg
-    for part in key.split("."):
-        if isinstance(node, DictConfig):
-            if part not in node:
-                return False
-            node = node._get_node(part)
-            node = node._value() if not isinstance(node, (DictConfig, ListConfig)) else node
-        elif isinstance(node, ListConfig):
-            if not part.isdigit() or int(part) >= len(node):
-                return False
-            node = node[int(part)]
-        else:
-            return False
-    return True
+    """Whether the dotted ``key`` (list indices allowed) exists; interpolations are followed."""
+    try:
+        return OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False) \
+            is not _MISSING
+    except Exception:  # noqa: BLE001 - e.g. indexing into a non-container value
+        return False
 
 
 def apply_overrides_strict(cfg, overrides: Sequence[str]):
