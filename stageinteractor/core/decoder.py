@@ -206,7 +206,12 @@ class StageInteractorDecoder(nn.Module):
         if self.check_inputs and not _is_tracing():
             self._validate(features, image_sizes)
         f0 = features[0]
-        pad = f0.new_tensor([f0.shape[2] * self.feature_strides[0], f0.shape[3] * self.feature_strides[0]])
+        if torch.jit.is_tracing():
+            # ONNX/TorchScript export: the padded size from the traced shape, so that an exported
+            # graph keeps H, W symbolic (new_tensor would bake the trace-time size in)
+            pad = torch._shape_as_tensor(f0)[2:].to(f0.device, f0.dtype) * self.feature_strides[0]
+        else:
+            pad = f0.new_tensor([f0.shape[2] * self.feature_strides[0], f0.shape[3] * self.feature_strides[0]])
         sizes = torch.clamp(image_sizes.to(pad.dtype), min=self.one, max=pad)
         q, xyzr, wh, boxes = self.query_generator(sizes)
         sampler = self.stages[0].sampler

@@ -133,7 +133,13 @@ class PointSampler(nn.Module):
             H, W = feat.shape[-2:]
             size = (int(W) * self.strides[lvl], int(H) * self.strides[lvl])
             if size not in cache:
-                cache[size] = feat.new_tensor([2.0 / size[0], 2.0 / size[1]], dtype=torch.float32)
+                if torch.jit.is_tracing():
+                    # ONNX/TorchScript export: from the traced shape (W, H), so that the exported
+                    # graph keeps the input size symbolic instead of baking the trace-time size
+                    wh = torch._shape_as_tensor(feat)[-2:].flip(0).to(feat.device, torch.float32)
+                    cache[size] = 2.0 / (wh * float(self.strides[lvl]))
+                else:
+                    cache[size] = feat.new_tensor([2.0 / size[0], 2.0 / size[1]], dtype=torch.float32)
             scales.append(cache[size])
         return scales
 
