@@ -184,3 +184,26 @@ def test_loader_mapper_skip_is_deterministic():
 def test_loader_rejects_bad_batch_size():
     with pytest.raises(ValueError, match="positive multiple"):
         ResumableTrainLoader(dataset=_dataset(), mapper=None, total_batch_size=0)
+
+
+@pytest.mark.parametrize("name,policy", [("coco.py", "1x"), ("coco_mstrain.py", "mstrain"),
+                                         ("coco_crop_mstrain.py", "crop_mstrain"),
+                                         ("demo.py", "mstrain")])
+def test_common_data_configs_build_mappers(name, policy):
+    import os
+
+    from detectron2.config import LazyConfig, instantiate
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    dl = LazyConfig.load(os.path.join(repo, "configs", "common", "data", name)).dataloader
+    assert dl.train.mapper.augmentations.policy == policy
+    train_mapper, test_mapper = instantiate(dl.train.mapper), instantiate(dl.test.mapper)
+    assert train_mapper.is_train and not test_mapper.is_train
+    assert train_mapper.image_format == test_mapper.image_format == "RGB"
+    assert dl.train.dataset.filter_empty is True and dl.test.dataset.filter_empty is False
+    assert dl.evaluator.dataset_name == dl.test.dataset.names
+    if name == "demo.py":
+        assert dl.train.total_batch_size == 8
+        assert dl.train.dataset.names == "stageinteractor_demo_train"
+    else:
+        assert dl.train.total_batch_size == 16 and dl.test.dataset.names == "coco_2017_val"

@@ -133,3 +133,16 @@ def test_default_root_follows_detectron2_datasets(monkeypatch, tmp_path):
     monkeypatch.delenv("DETECTRON2_DATASETS")
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert dd.demo_dataset_dir() == os.path.join(repo, "datasets", "stageinteractor_demo")
+
+
+def test_make_demo_dataset_tool(tmp_path, capsys):
+    import importlib.util
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location(
+        "_make_demo_dataset", os.path.join(repo, "tools", "make_demo_dataset.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--root", str(tmp_path), "--num-train", "2", "--num-val", "1"]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path / "stageinteractor_demo") in out and '"images": 2' in out
