@@ -180,6 +180,40 @@ def test_behaviour_switches_change_outputs(kw, ref_outputs):
     assert not torch.allclose(ref["logits"], out["logits"]) or not torch.allclose(ref["boxes"], out["boxes"])
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(sampler="3d"),
+        dict(sampler="3d_group_init", refine_mode="2z"),
+        dict(subpoint_offsets="per_group"),
+        dict(num_reused_spatial_filters=3),
+        dict(num_reused_spatial_filters=0, max_reused_channel_filters=1),
+        dict(first_stage_points=32, reuse_start=1),
+        dict(dynamic_bias=False),
+        dict(static_mixing="channel"),
+        dict(static_mixing="spatial", filter_usage="none"),
+        dict(reuse=False),
+    ],
+)
+def test_every_setting_runs_forward_backward(kw):
+    d = small(num_stages=4, **kw)
+    out = _outputs(d)
+    assert out["logits"].shape == (1, 6, 5) and torch.isfinite(out["boxes"]).all()
+    full = d(_feats(), torch.tensor([[60, 50]]))
+    sum(o["logits"].sum() + o["boxes"].sum() * 1e-3 for o in full).backward()
+    assert all(torch.isfinite(p.grad).all() for p in d.parameters() if p.grad is not None)
+
+
+def _feats():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(1, SMALL["query_dim"], 64 // s, 64 // s, generator=g) for s in (4, 8, 16, 32)]
+
+
+def test_spatial_reuse_needs_equal_points():
+    with pytest.raises(ValueError, match="equal point counts"):
+        small(reuse_start=1)  # stage 0 (64 points) would feed stage 1 (32 points)
+
+
 def test_group_init_changes_only_init():
     torch.manual_seed(0)
     a = small(sampler="3d")
