@@ -205,7 +205,12 @@ def test_cli_end_to_end_with_detectron2_checkpointer(tmp_path, r50_official, cap
     assert "all zero (checked)" in out and "optimizer" in out
 
     model, _ = _meta_model("r50")
-    ckpt = DetectionCheckpointer(model)
+    try:  # the checkpointer tools/train_net.py uses for train.init_checkpoint
+        from stageinteractor.d2.engine import AtomicCheckpointer as Checkpointer
+    except ImportError:  # pragma: no cover
+        Checkpointer = DetectionCheckpointer
+    ckpt = Checkpointer(model)
+    assert isinstance(ckpt, DetectionCheckpointer)
     seen = {}
     orig = ckpt._load_model
     ckpt._load_model = lambda c: seen.setdefault("r", orig(c))
