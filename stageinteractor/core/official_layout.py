@@ -7,8 +7,14 @@ Layout source: ``shared/spec/official_checkpoint_layout.md`` §6-§7.
 * :func:`official_decoder_layout` lists the official keys and shapes (state-dict order) for a
   given number of queries / classes / stages.
 * :func:`decoder_key_maps` gives, per official key, our key (relative to the decoder module)
-  and the tensor transforms in both directions, or marks the key as dropped (with the reason
-  and the value to write back on export).
+  and the tensor transforms in both directions (:class:`KeyMap`), or marks the key as dropped
+  (with the reason and the value written back on export). Our stages evaluate all their
+  content-conditioned generators as one Linear: the official ``gen_one_d``,
+  ``parameter_generator``, ``mix_bias``, ``M_score_list_mix_bias``, ``M_score_list``,
+  ``S_score_list`` and ``S_score_list2`` of a stage are concatenated per channel group into
+  ``stages.{s}.generator`` (:class:`FusedMap`). All other tensors keep their row/column order.
+* :func:`decoder_official_to_ours` / :func:`decoder_ours_to_official` convert decoder state
+  dicts (exactly invertible: dead layers come back as zeros, constant buffers regenerated).
 
 Pure PyTorch: the detectron2 layer (``stageinteractor.d2.official_checkpoint``) adds the
 backbone and neck and the file handling.
