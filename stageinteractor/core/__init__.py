@@ -23,3 +23,5 @@ from .box_ops import (  # noqa: E402,F401
 from .decoder import StageInteractorDecoder  # noqa: E402,F401
 from .postprocess import topk_detections  # noqa: E402,F401
 from .switches import ADAMIXER_BASELINE, DecoderSwitches  # noqa: E402,F401
+from .filter_bank import FilterBank  # noqa: E402,F401
+from .stage import OFFICIAL_GENERATOR_SOURCES, DecoderStage, fuse_group_rows  # noqa: E402,F401

@@ -38,6 +38,18 @@ class StageInteractorDecoder(nn.Module):
     channel filters and, for ``s >= reuse_start``, ``num_reused_spatial_filters`` spatial filters.
     Ablation switches: see :mod:`stageinteractor.core.switches`.
     ``StageInteractorDecoder.adamixer(**kw)`` builds the AdaMixer baseline (paper Tab. 6 row 1).
+
+    Args (keyword only):
+        num_classes, num_queries, num_stages: K (sigmoid classifier), N, L.
+        feature_strides: strides of the input maps (C2..C5: 4, 8, 16, 32).
+        query_dim, num_heads, num_groups, ffn_dim: D = feature channels, MHSA heads, channel
+            groups G (D/G channels each), FFN hidden size.
+        first_stage_points, num_points, out_points: P_in of stage 0 / later stages, P_out.
+        sampler, subpoint_offsets, refine_mode, pe_residual, dynamic_bias, reuse, reuse_start,
+        max_reused_channel_filters, num_reused_spatial_filters, filter_usage, static_mixing:
+            the switches (``reuse_start`` is inert with ``reuse=False``).
+        check_inputs: validate shapes and finiteness of the inputs in ``forward`` (skipped while
+            tracing / compiling / exporting; about 10 extra aten ops).
     """
 
     def __init__(
@@ -206,13 +218,16 @@ class StageInteractorDecoder(nn.Module):
         if self.check_inputs and not _is_tracing():
             self._validate(features, image_sizes)
         f0 = features[0]
+        # box geometry stays float32 even when the features are bf16/fp16 (autocast)
         if torch.jit.is_tracing():
             # ONNX/TorchScript export: the padded size from the traced shape, so that an exported
             # graph keeps H, W symbolic (new_tensor would bake the trace-time size in)
-            pad = torch._shape_as_tensor(f0)[2:].to(f0.device, f0.dtype) * self.feature_strides[0]
+            pad = torch._shape_as_tensor(f0)[2:].to(f0.device, torch.float32) * self.feature_strides[0]
         else:
-            pad = f0.new_tensor([f0.shape[2] * self.feature_strides[0], f0.shape[3] * self.feature_strides[0]])
-        sizes = torch.clamp(image_sizes.to(pad.dtype), min=self.one, max=pad)
+            pad = f0.new_tensor(
+                [f0.shape[2] * self.feature_strides[0], f0.shape[3] * self.feature_strides[0]], dtype=torch.float32
+            )
+        sizes = torch.clamp(image_sizes.to(torch.float32), min=self.one, max=pad)
         q, xyzr, wh, boxes = self.query_generator(sizes)
         sampler = self.stages[0].sampler
         grid_scales = sampler.grid_scales_for(features)
