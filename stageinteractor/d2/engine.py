@@ -34,6 +34,8 @@ from detectron2.engine import SimpleTrainer
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
+from .checkpoint import ImageNetInitMixin
+
 __all__ = ["ConfigError", "CheckpointFileError", "AtomicCheckpointer", "Trainer",
            "create_ddp_model", "apply_overrides_strict", "check_checkpoint_file",
            "truncate_metrics", "atomic_write_bytes", "swin_optimizer_params",
@@ -67,8 +69,12 @@ def atomic_write_bytes(path: str, payload: bytes) -> None:
             os.remove(tmp)
 
 
-class AtomicCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` with crash-safe ``save`` and ``last_checkpoint`` handling."""
+class AtomicCheckpointer(ImageNetInitMixin, DetectionCheckpointer):
+    """``DetectionCheckpointer`` with crash-safe ``save`` and ``last_checkpoint`` handling.
+
+    ImageNet backbone checkpoints given as ``train.init_checkpoint`` (detectron2 ``R-50.pkl``,
+    torchvision, open-mmlab ResNeXt, official Swin) are key-mapped on load by
+    :class:`~stageinteractor.d2.checkpoint.ImageNetInitMixin`; every key is accounted for."""
 
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:

@@ -335,3 +335,27 @@ def test_mixin_composes_with_other_checkpointers(tmp_path):
     MyCheckpointer(det2, save_dir=str(tmp_path)).resume_or_load(str(full), resume=False)
     for k, v in det.state_dict().items():
         assert torch.equal(det2.state_dict()[k], v), k
+
+
+def test_train_net_checkpointer_maps_imagenet_init(tmp_path):
+    """``train.init_checkpoint`` goes through the trainer's AtomicCheckpointer: a plain
+    torchvision ResNet-50 file must land in ``backbone.*`` with the same values."""
+    import torchvision
+    from torch import nn
+
+    from stageinteractor.d2.backbone import build_resnet50
+    from stageinteractor.d2.engine import AtomicCheckpointer
+
+    class _Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = build_resnet50()
+            self.head = nn.Linear(2, 2)
+
+    model = _Model()
+    sd = torchvision.models.resnet50(weights=None).state_dict()
+    path = tmp_path / "resnet50_torchvision.pth"
+    torch.save(sd, path)
+    AtomicCheckpointer(model).load(str(path))
+    assert torch.equal(model.backbone.stem.conv1.weight, sd["conv1.weight"])
+    assert torch.equal(model.backbone.res5[2].conv3.weight, sd["layer4.2.conv3.weight"])
