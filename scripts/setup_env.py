@@ -363,7 +363,7 @@ def install_dep(name, state, failures):
     if src is None:
         failures[name] = why
         return None
-    say("installing %s from %s (builds C++ ops; about a minute on CPU)" % (name, src))
+    say("installing %s from %s (builds C++ ops: minutes on CPU)" % (name, src))
     ensure_build_tools()
     args = ["--no-build-isolation"]
     if name == "detrex":
