@@ -57,9 +57,6 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-_IMPORT_PEAK_RSS = None  # set by the memory worker right after the imports
-
-
 def log(msg: str) -> None:
     print(f"[benchmark {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -178,9 +175,10 @@ def _add_import_roots(config_file: str) -> None:
             sys.path.append(root)
 
 
-def build_model(config_file: str, opts: Sequence[str], device: str):
-    """Instantiate ``model`` of a LazyConfig (random weights) on ``device``; returns (model, info)."""
-    from detectron2.config import LazyConfig, instantiate
+def load_model_config(config_file: str, opts: Sequence[str], device: str):
+    """Load a LazyConfig, apply the overrides strictly and make ``model`` buildable on ``device``
+    (detrex DINO -> device-agnostic DINO on CPU). Returns (model config node, info dict)."""
+    from detectron2.config import LazyConfig
 
     from stageinteractor.d2.engine import apply_overrides_strict
 
@@ -202,10 +200,18 @@ def build_model(config_file: str, opts: Sequence[str], device: str):
             pass  # not a detrex DINO model
     if "device" in cfg.model:
         cfg.model.device = device
+    return cfg.model, {"config_file": config_file, "opts": list(opts), "device_agnostic_dino": swapped}
+
+
+def build_model(config_file: str, opts: Sequence[str], device: str, model_cfg=None, info=None):
+    """Instantiate ``model`` of a LazyConfig (random weights) on ``device``; returns (model, info)."""
+    from detectron2.config import instantiate
+
+    if model_cfg is None:
+        model_cfg, info = load_model_config(config_file, opts, device)
     t0 = time.perf_counter()
-    model = instantiate(cfg.model).to(device)
-    info = {"config_file": config_file, "opts": list(opts), "class": type(model).__qualname__,
-            "device_agnostic_dino": swapped, "build_s": time.perf_counter() - t0}
+    model = instantiate(model_cfg).to(device)
+    info = dict(info, **{"class": type(model).__qualname__, "build_s": time.perf_counter() - t0})
     return model, info
 
 
@@ -471,11 +477,12 @@ def memory_worker(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    model_cfg, info = load_model_config(args.config_file, args.opts, "cpu")  # imports the config's modules
     if _reset_peak_rss():
         method, base = "VmHWM-VmRSS(after imports)", _status_kib("VmRSS") * 1024
     else:
-        method, base = "ru_maxrss delta", _rss_bytes(_IMPORT_PEAK_RSS)
-    model, _ = build_model(args.config_file, args.opts, "cpu")
+        method, base = "ru_maxrss delta", _rss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    model, _ = build_model(args.config_file, args.opts, "cpu", model_cfg, info)
     if args.compile and is_stageinteractor(model):
         model.decoder = torch.compile(model.decoder)
     h, w = args.image_size
@@ -758,7 +765,6 @@ if __name__ == "__main__":
         _x = torch.ones(2, requires_grad=True)  # autograd engine start-up before the baseline
         (_x * 2).sum().backward()
 
-        _IMPORT_PEAK_RSS = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         memory_worker(parse_args())
     else:
         signal.signal(signal.SIGTERM, _handle_sigterm)

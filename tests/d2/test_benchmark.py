@@ -1,0 +1,162 @@
+"""tools/benchmark.py (issues 6 and 10) and the FLOP handles of stageinteractor.d2.flops.
+
+No timings are checked: the tool runs end to end on the demo config with tiny sizes and writes
+JSON with the required keys; the FLOPs of the R50-100q decoder's matrix products equal a count
+by hand from the architecture; helpers (spread, stress workers) behave.
+"""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from detectron2.config import LazyConfig, instantiate
+
+from stageinteractor.d2.flops import flop_analysis, matrix_product_flops
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = str(REPO / "configs/demo/stageinteractor_demo.py")
+# tiny demo model: 10 queries, 3 stages (stage 2 reuses filters), 64x96 images
+TINY = ["model.decoder.num_queries=10", "model.decoder.num_stages=3", "model.max_detections_per_image=10"]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark_tool", REPO / "tools/benchmark.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+MODEL_KEYS = {
+    "params", "flops", "inference_images_per_s", "train_step_s", "train_peak_memory_bytes",
+    "decoder_aten_calls", "decoder_aten_calls_train", "decoder_aten_calls_by_op", "load_info",
+}
+
+
+def test_end_to_end_compare_json(bench, tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(
+        ["--config-file", DEMO, "--image-size", "64", "96", "--iters", "1", "--warmup", "0", "--train",
+         "--count-ops", "--memory-repeats", "1", "--threads", "1", "--json", str(out),
+         "--compare-opts", *TINY, "model.criterion.assigner.enabled=False", "--", *TINY]
+    )
+    data = json.loads(out.read_text())
+    assert {"a", "b", "ratios", "load", "settings"} <= set(data)
+    for side in ("a", "b"):
+        r = data[side]
+        assert MODEL_KEYS <= set(r), MODEL_KEYS - set(r)
+        assert r["params"]["total"] == sum(r["params"]["modules"].values())
+        assert len(r["params"]["decoder_stages"]) == 3 and len(r["flops"]["decoder_stages"]) == 3
+        assert r["flops"]["total"] > 0 and r["flops"]["decoder"] <= r["flops"]["total"]
+        assert r["inference_images_per_s"] > 0 and r["train_step_s"] > 0
+        assert r["train_peak_memory_bytes"] >= 0 and r["train_peak_memory_spread"]["n"] == 1
+        by_stage = r["decoder_aten_calls_by_stage"]
+        assert {"stage0", "stage1", "stage2", "postprocess"} <= set(by_stage)
+        assert sum(by_stage.values()) == r["decoder_aten_calls"] == sum(r["decoder_aten_calls_by_op"].values())
+        assert "criterion" in r["decoder_aten_calls_train_by_stage"]
+        assert "other_processes_cpu_share" in r["load_info"]["load"]
+    assert data["a"]["csla_enabled"] is True and data["b"]["csla_enabled"] is False
+    assert data["b"]["load_info"]["opts"][-1] == "model.criterion.assigner.enabled=False"
+    for key in ("inference_images_per_s", "train_step_s", "train_peak_memory_bytes"):
+        assert key in data["ratios"]
+    assert data["ratios"]["params"] == 1.0
+
+
+def test_decoder_only_and_stress(bench, tmp_path):
+    out = tmp_path / "dec.json"
+    bench.main(["--config-file", DEMO, "--image-size", "64", "96", "--iters", "1", "--warmup", "0",
+                "--decoder-only", "--stress", "1", "--no-flops", "--threads", "1", "--json", str(out), *TINY])
+    data = json.loads(out.read_text())
+    assert data["b"] is None and data["a"]["decoder_only_s"] > 0
+    assert data["a"]["inference_images_per_s"] is None  # whole model not timed with --decoder-only
+    parts = data["stress"]["models"]["a"]
+    assert set(parts) == {"decoder", "backbone"} and all(p["slowdown"] > 0 for p in parts.values())
+
+
+def test_stressor_stops_its_workers(bench):
+    with bench.Stressor(2, limit_s=30) as s:
+        procs = list(s.procs)
+        assert all(p.poll() is None for p in procs)
+    assert all(p.poll() is not None for p in procs)
+
+
+def test_spread(bench):
+    s = bench.spread([4.0, 1.0, 3.0, 2.0, 5.0])
+    assert (s["median"], s["q1"], s["q3"], s["iqr"], s["min"], s["max"], s["n"]) == (3.0, 2.0, 4.0, 2.0, 1.0, 5.0, 5)
+
+
+def _r50_100q_decoder_matrix_product_flops_by_hand() -> int:
+    """Multiply-adds of every matrix product of one batch-1 inference of the R50-100q decoder
+    (configs/common/models/stageinteractor_r50.py), from the architecture dimensions."""
+    N, D, G, H, FFN, K = 100, 256, 4, 8, 2048, 80  # queries, dim, groups, heads, FFN, classes
+    C = D // G  # 64 channels per group
+    P_OUT = 128
+    total = 0
+    for s in range(6):
+        p = 64 if s == 0 else 32  # sampled points per group
+        kb = 8 if p == 64 else 4  # spatial blocks K = 2^floor(log2 sqrt(P))
+        sub = p // kb  # sub-points per block
+        n = max(0, min(s - 2 + 1, 4))  # reused channel filters (reuse from stage 2, max 4)
+        ns = 1 if s >= 2 else 0  # reused spatial filters
+        cur = P_OUT // (ns + 1)  # generated spatial-filter rows
+        # attention: in_proj (N x D -> 3D), QK^T and AV (H heads of D/H: N*N*D each), out_proj
+        total += N * D * 3 * D + 2 * N * N * D + N * D * D
+        # the fused generator GEMM: rows per group = offsets 3K, M C*C, S P*cur, b_M C, b_S P_out,
+        # beta n*C, gates 2*n*C, and u (P_out - cur), v P when spatial reuse
+        rows = 3 * kb + C * C + p * cur + C + P_OUT + n * C + 2 * n * C + ((P_OUT - cur) + p if ns else 0)
+        total += N * D * G * rows
+        total += N * D * 3 * sub  # shared sub-point offsets gen_double_d (D -> 3S)
+        mb = N * G  # independent mixing problems
+        total += mb * p * C * C  # channel mixing with M_cur: (P, C) @ (C, C)
+        total += n * mb * p * C * C  # cascade: one (P, C) @ (C, C) per reused filter
+        total += n * (mb * kb * (sub * C) ** 2 + mb * sub * (kb * C) ** 2)  # static intra/inter
+        total += mb * P_OUT * p * C  # spatial mixing (P_out, P) @ (P, C)
+        total += N * (G * P_OUT * C) * D  # mixing out_proj
+        total += 2 * N * D * FFN  # FFN
+        total += N * D * D + N * D * K  # classification branch
+        total += N * D * D + N * D * 4  # regression branch
+    return total
+
+
+def test_r50_decoder_flops_match_hand_count():
+    cfg = LazyConfig.load(str(REPO / "configs/stageinteractor/stageinteractor_r50_100q_1x.py"))
+    torch.manual_seed(0)
+    decoder = instantiate(cfg.model.decoder).eval()
+
+    class AllStages(nn.Module):  # every stage's outputs kept (no dead-code elimination in the trace)
+        def __init__(self):
+            super().__init__()
+            self.decoder = decoder
+
+        def forward(self, f0, f1, f2, f3, sizes):
+            return tuple(o[k] for o in self.decoder([f0, f1, f2, f3], sizes) for k in ("logits", "boxes"))
+
+    feats = [torch.randn(1, 256, 64 // s, 96 // s) for s in (4, 8, 16, 32)]
+    with torch.no_grad():
+        analysis = flop_analysis(AllStages(), (*feats, torch.tensor([[60.0, 90.0]])))
+    expected = _r50_100q_decoder_matrix_product_flops_by_hand()
+    assert expected == 18_838_528_000  # 18.84 GMAC of matrix products
+    assert matrix_product_flops(analysis, "decoder") == expected
+    ops = analysis.by_operator()
+    assert ops["baddbmm"] > 0 and ops["scaled_dot_product_attention"] == 6 * 2 * 100 * 100 * 256
+
+
+def test_matmul_handle_broadcasts():
+    class Spatial(nn.Module):
+        def forward(self, w, x):
+            return torch.matmul(w, x)  # (P, P) @ (M, P, C): batch broadcast
+
+    with torch.no_grad():
+        a = flop_analysis(Spatial(), (torch.randn(8, 8), torch.randn(5, 8, 3)))
+    assert a.total() == 5 * 8 * 8 * 3
