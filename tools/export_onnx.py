@@ -30,6 +30,7 @@ inference path ``model([{"image", "height", "width"}])`` when the image is the w
 
 Trailing ``key=value`` arguments are LazyConfig overrides.
 """
+
 import argparse
 import glob
 import os
@@ -57,19 +58,40 @@ from stageinteractor.d2.export import (  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config-file", required=True, help="LazyConfig .py file")
     p.add_argument("--output", required=True, help="ONNX file to write")
-    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="canvas size of the graph (default: test max_size square)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=None,
+        help="canvas size of the graph (default: test max_size square)",
+    )
     p.add_argument("--dynamic-size", action="store_true", help="symbolic image height and width")
-    p.add_argument("--verify", nargs="+", default=None, metavar="IMG",
-                   help="images (or folders) to compare onnxruntime with PyTorch on")
+    p.add_argument(
+        "--verify",
+        nargs="+",
+        default=None,
+        metavar="IMG",
+        help="images (or folders) to compare onnxruntime with PyTorch on",
+    )
     p.add_argument("--max-verify", type=int, default=None, help="use at most this many images")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--input-dtype", choices=("uint8", "float32"), default="uint8")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="LazyConfig overrides key=value")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.verify:
+        # `--verify a.png b.png key=value ...`: the overrides after the images are overrides
+        extra = [v for v in args.verify if "=" in v and not os.path.exists(v)]
+        args.verify = [v for v in args.verify if v not in extra]
+        args.opts = list(args.opts) + extra
+        if not args.verify:
+            p.error("--verify needs at least one image or folder")
+    return args
 
 
 def load_model(config_file, opts):
@@ -111,7 +133,9 @@ def list_images(items):
     files = []
     for item in items:
         if os.path.isdir(item):
-            files += sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(exts))
+            files += sorted(
+                os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(exts)
+            )
         elif os.path.isfile(item):
             files.append(item)
         else:
@@ -128,8 +152,10 @@ def verify(cfg, model, path, files, canvas, input_dtype):
     wrapper = ExportableStageInteractor(model).eval()
     worst = {"max_box_px": 0.0, "max_box_rel": 0.0, "max_score": 0.0}
     all_ok = True
-    print(f"{'image':40s} {'net h x w':>10s} {'k':>4s} {'box px':>10s} {'box rel':>10s} "
-          f"{'score':>10s} {'cls!=':>5s} ok")
+    print(
+        f"{'image':40s} {'net h x w':>10s} {'k':>4s} {'box px':>10s} {'box rel':>10s} "
+        f"{'score':>10s} {'cls!=':>5s} ok"
+    )
     for f in files:
         rgb = read_image(f, format="RGB")
         h0, w0 = rgb.shape[:2]
@@ -147,18 +173,24 @@ def verify(cfg, model, path, files, canvas, input_dtype):
             ref = torch_reference(model, torch.from_numpy(chw), (h0, w0))
         else:
             with torch.no_grad():
-                b, s, c = wrapper(torch.from_numpy(image), torch.tensor([h, w]), torch.tensor([h0, w0]))
+                b, s, c = wrapper(
+                    torch.from_numpy(image), torch.tensor([h, w]), torch.tensor([h0, w0])
+                )
             ref = {"boxes": b.numpy(), "scores": s.numpy(), "classes": c.numpy()}
         r = compare_detections(ref, out, (h0, w0))
         all_ok &= bool(r["ok"])
         for k in worst:
             worst[k] = max(worst[k], r[k])
-        print(f"{os.path.basename(f)[:40]:40s} {f'{h}x{w}':>10s} {int(r['num']):4d} "
-              f"{r['max_box_px']:10.3e} {r['max_box_rel']:10.3e} {r['max_score']:10.3e} "
-              f"{int(r['class_mismatch']):5d} {'yes' if r['ok'] else 'NO'}")
-    print(f"verify: {len(files)} images, max box error {worst['max_box_px']:.3e} px "
-          f"({worst['max_box_rel']:.3e} of the image size, tol 1e-3), max score error "
-          f"{worst['max_score']:.3e} (tol 1e-4): {'PASS' if all_ok else 'FAIL'}")
+        print(
+            f"{os.path.basename(f)[:40]:40s} {f'{h}x{w}':>10s} {int(r['num']):4d} "
+            f"{r['max_box_px']:10.3e} {r['max_box_rel']:10.3e} {r['max_score']:10.3e} "
+            f"{int(r['class_mismatch']):5d} {'yes' if r['ok'] else 'NO'}"
+        )
+    print(
+        f"verify: {len(files)} images, max box error {worst['max_box_px']:.3e} px "
+        f"({worst['max_box_rel']:.3e} of the image size, tol 1e-3), max score error "
+        f"{worst['max_score']:.3e} (tol 1e-4): {'PASS' if all_ok else 'FAIL'}"
+    )
     return all_ok
 
 
@@ -169,15 +201,25 @@ def main(argv=None) -> int:
     canvas = tuple(args.image_size) if args.image_size else default_canvas(cfg, model)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     t0 = time.perf_counter()
-    export_onnx(model, args.output, image_size=canvas, dynamic_size=args.dynamic_size,
-                opset=args.opset, input_dtype=args.input_dtype)
+    export_onnx(
+        model,
+        args.output,
+        image_size=canvas,
+        dynamic_size=args.dynamic_size,
+        opset=args.opset,
+        input_dtype=args.input_dtype,
+    )
     size_txt = "dynamic H x W" if args.dynamic_size else f"{canvas[0]}x{canvas[1]}"
-    print(f"exported {args.output} ({os.path.getsize(args.output) / 1e6:.1f} MB, opset "
-          f"{args.opset}, {size_txt}, {time.perf_counter() - t0:.1f} s)")
+    print(
+        f"exported {args.output} ({os.path.getsize(args.output) / 1e6:.1f} MB, opset "
+        f"{args.opset}, {size_txt}, {time.perf_counter() - t0:.1f} s)"
+    )
     if not args.verify:
         return 0
     files = list_images(args.verify)[: args.max_verify]
-    ok = verify(cfg, model, args.output, files, None if args.dynamic_size else canvas, args.input_dtype)
+    ok = verify(
+        cfg, model, args.output, files, None if args.dynamic_size else canvas, args.input_dtype
+    )
     return 0 if ok else 1
 
 

@@ -34,7 +34,9 @@ not used. ``grid_sample`` needs opset >= 16. torchvision's ``deform_conv2d`` (X1
 has an ONNX symbolic only from opset 19 on and onnxruntime has no CPU kernel for it: such
 exports raise a clear error or produce a graph onnxruntime cannot load.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+
+import warnings
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -73,7 +75,9 @@ class ExportableStageInteractor(nn.Module):
                 )
         self.model = model
 
-    def forward(self, image: Tensor, image_size: Tensor, orig_size: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, image: Tensor, image_size: Tensor, orig_size: Tensor
+    ) -> Tuple[Tensor, Tensor, Tensor]:
         m = self.model
         x = (image.to(m.pixel_mean.dtype) - m.pixel_mean) / m.pixel_std  # (1, 3, H, W)
         hw = image_size.to(x.dtype).view(1, 2)
@@ -113,9 +117,13 @@ def export_onnx(
     if int(opset) < MIN_OPSET:
         raise ValueError(f"export_onnx: opset must be >= {MIN_OPSET} (grid_sample), got {opset}")
     if input_dtype not in ("uint8", "float32"):
-        raise ValueError(f"export_onnx: input_dtype must be 'uint8' or 'float32', got {input_dtype!r}")
+        raise ValueError(
+            f"export_onnx: input_dtype must be 'uint8' or 'float32', got {input_dtype!r}"
+        )
     if len(image_size) != 2 or min(int(s) for s in image_size) < 1:
-        raise ValueError(f"export_onnx: image_size must be (H, W) positive ints, got {list(image_size)}")
+        raise ValueError(
+            f"export_onnx: image_size must be (H, W) positive ints, got {list(image_size)}"
+        )
     H, W = (int(s) for s in image_size)
     wrapper = ExportableStageInteractor(model.eval()).eval()
     dtype = torch.uint8 if input_dtype == "uint8" else torch.float32
@@ -124,7 +132,9 @@ def export_onnx(
     inputs = (image, torch.tensor([H, W]), torch.tensor([H, W]))
     dynamic_axes = {"image": {2: "height", 3: "width"}} if dynamic_size else None
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # shape-dependent python branches of the decoder (stage layout, k) are static by design
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
                 wrapper,
                 inputs,
@@ -164,7 +174,9 @@ class OnnxDetector:
         opts.intra_op_num_threads = int(num_threads)
         opts.inter_op_num_threads = 1
         self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        self.image_dtype = np.uint8 if self.session.get_inputs()[0].type == "tensor(uint8)" else np.float32
+        self.image_dtype = (
+            np.uint8 if self.session.get_inputs()[0].type == "tensor(uint8)" else np.float32
+        )
 
     def __call__(self, image, image_size, orig_size) -> Dict[str, np.ndarray]:
         feeds = {
@@ -176,7 +188,9 @@ class OnnxDetector:
 
 
 @torch.no_grad()
-def torch_reference(model: nn.Module, image: Tensor, orig_size: Sequence[int]) -> Dict[str, np.ndarray]:
+def torch_reference(
+    model: nn.Module, image: Tensor, orig_size: Sequence[int]
+) -> Dict[str, np.ndarray]:
     """The normal detectron2 inference path, ``model([{"image", "height", "width"}])``.
 
     ``image``: (3, h, w) uint8/float resized image (no extra canvas); returns numpy
@@ -260,4 +274,3 @@ def place_on_canvas(image: np.ndarray, canvas: Optional[Sequence[int]]) -> np.nd
     out = np.zeros((1, 3, H, W), dtype=image.dtype)
     out[0, :, :h, :w] = image
     return out
-
