@@ -33,7 +33,7 @@ model.decoder.ffn_dim = 512
 model.decoder.first_stage_points = 32
 model.decoder.num_points = 16
 model.decoder.out_points = 32
-model.max_detections_per_image = 50
+model.max_detections_per_image = None  # = num_queries
 
 # ---- optimisation: from scratch, so a larger lr than the paper's 2.5e-5 (ImageNet init)
 optimizer.lr = 5e-4

@@ -265,3 +265,51 @@ def test_demo_tool_draws_detections_and_sampling_points(tmp_path):
     pts = np.asarray(Image.open(out / "a_points.jpg"))
     assert det.shape[1] == 400  # upscaled for readability
     assert pts.shape[1] == 3 * 400 and pts.shape[0] == 2 * det.shape[0]  # 4 stages -> 3 x 2 grid
+
+
+def _demo_model(*overrides):
+    from pathlib import Path
+
+    from detectron2.config import LazyConfig, instantiate
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = LazyConfig.load(str(root / "configs/demo/stageinteractor_demo.py"))
+    cfg = LazyConfig.apply_overrides(cfg, ["model.decoder.num_queries=12", *overrides])
+    torch.manual_seed(0)
+    return instantiate(cfg.model)
+
+
+def test_real_components_empty_gt_amp_and_diagnostics():
+    """Real decoder + criterion: images without objects give finite losses (one empty image in
+    the batch, and a batch with no object at all); the criterion's statistics go to the event
+    storage, not the loss dict; under CPU bf16 autocast the losses are fp32 and finite."""
+    model = _demo_model().train()
+    gts = [[[2, 3, 20, 25], [30, 5, 60, 30]], []]
+    for batch_gts in (gts, [[], []]):
+        with EventStorage(0) as storage:
+            losses = model(_inputs([(32, 64), (64, 32)], gts=batch_gts))
+            latest = storage.latest()
+        assert losses and all(k.startswith("loss_") for k in losses)
+        assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
+        assert "diag/num_pos_s0" in latest and "diag/label_instability_s0_s1" in latest
+        assert not any(k.startswith("diag/") for k in losses)
+        sum(losses.values()).backward()
+    assert latest["diag/num_pos_s0"][0] == 0.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(_inputs([(32, 64), (64, 32)], gts=gts))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+
+
+def test_real_components_inference_matches_export_path():
+    model = _demo_model().eval()
+    inputs = _inputs([(32, 64), (64, 32)], orig=[(64, 128), (32, 16)])
+    with torch.no_grad():
+        out = model(inputs)
+        images = model.preprocess_image(inputs)
+        sizes = torch.tensor([[32.0, 64.0], [64.0, 32.0]])
+        boxes, scores, classes = model.inference_tensors(images.tensor, sizes)
+    assert boxes.shape == (2, 12, 4) and scores.shape == (2, 12) and classes.shape == (2, 12)
+    torch.testing.assert_close(out[0]["instances"].pred_boxes.tensor, boxes[0] * 2.0)
+    torch.testing.assert_close(out[1]["instances"].pred_boxes.tensor, boxes[1] * torch.tensor([0.5, 0.5, 0.5, 0.5]))
+    torch.testing.assert_close(out[1]["instances"].scores, scores[1])
+    assert torch.equal(out[1]["instances"].pred_classes, classes[1])
