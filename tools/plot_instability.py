@@ -137,12 +137,20 @@ def plot_runs(
     for k in range(len(pairs), rows * cols):
         axes[k // cols][k % cols].axis("off")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=max(len(runs), 1), frameon=False)
     head = title or "fraction of GT objects whose matched query changes between stages"
     if smooth > 1:
         head += f" (moving average of {smooth})"
+    top = 1.0 - 0.5 / (3.2 * rows)  # title and legend take ~0.5 inch
     fig.suptitle(head, y=0.995, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.90))
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        bbox_to_anchor=(0.5, top + 0.02),
+        ncol=max(len(runs), 1),
+        frameon=False,
+    )
+    fig.tight_layout(rect=(0, 0, 1, top - 0.03))
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     fig.savefig(output, dpi=110)
     plt.close(fig)
