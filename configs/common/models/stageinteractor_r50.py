@@ -57,12 +57,12 @@ model = L(StageInteractor)(
         num_classes="${..decoder.num_classes}",
         matcher=L(HungarianMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, focal_alpha=0.25, focal_gamma=2.0),
         # Cross-stage label assigner (Tab. 6 "CSLA", 7, 13, 14).
-        # scope = (lo, hi) stage offsets, None = unbounded; the default (-1, None) is the paper's
-        # [i-1, L] (released). It is left at its default here; override with e.g.
-        # model.criterion.assigner.scope=[0,0] (Tab. 13).
         assigner=L(CrossStageLabelAssigner)(
             num_classes="${..num_classes}",
             enabled=True,
+            # (lo, hi) candidate-stage offsets, None = unbounded: (-1, None) = the paper's
+            # [i-1, L] (released). Tab. 13: [0,0] [-1,0] [-1,1] [null,null].
+            scope=(-1, None),
             stages=None,  # None = every stage (Tab. 13 last row: [0, 1, 2, 3])
             iou_threshold=0.5,  # Tab. 14
             use_score=True,  # Tab. 7 "Score"
