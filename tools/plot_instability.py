@@ -15,7 +15,9 @@ Metric names recognised in ``metrics.json`` (one JSON record per line): any scal
 ends in ``instability_s{a}_s{b}``, optionally preceded by ``label_`` and a prefix, e.g.
 ``diag/label_instability_s0_s1`` (StageInteractor criterion, logged by the meta-arch) and
 ``csla/instability_s0_s1`` (the detrex CSLA criteria). Both come from
-``stageinteractor.core.diagnostics.label_instability``.
+``stageinteractor.core.diagnostics.label_instability``. A run that logs several groups
+(H-Deformable-DETR with CSLA on the one-to-many branch too: ``csla/`` and ``csla_one2many/``)
+is plotted with the first group not named ``one2many``, or the one given by ``--group``.
 
 Labels: ``--labels`` if given, else the config file name recorded by detectron2 in the folder's
 ``log.txt`` (``config_file='configs/demo/stageinteractor_demo.py'`` -> ``stageinteractor_demo``),
@@ -44,17 +46,26 @@ def parse_key(name: str) -> Optional[Pair]:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def load_metrics(folder: str) -> Series:
+def key_group(name: str) -> str:
+    """The part of a metric name before ``[label_]instability_s<a>_s<b>`` (e.g. ``"diag/"``)."""
+    m = KEY_RE.search(name)
+    return name[: m.start() + (1 if name[m.start()] == "/" else 0)] if m else ""
+
+
+def load_metrics(folder: str, group: Optional[str] = None) -> Series:
     """Instability series of one run: {(a, b): (iterations, values)} sorted by iteration.
 
-    A later record of the same iteration replaces an earlier one (resumed runs).
+    A later record of the same iteration replaces an earlier one (resumed runs). When the run
+    logs several groups of instability scalars (H-Deformable-DETR with CSLA on both branches:
+    ``csla/`` and ``csla_one2many/``), ``group`` picks one (the name prefix, e.g. ``"csla/"``);
+    by default the first group whose name does not contain ``one2many``.
     """
     path = os.path.join(folder, "metrics.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{folder!r}: no metrics.json (expected a tools/train_net.py output folder)"
         )
-    per_pair: Dict[Pair, Dict[int, float]] = {}
+    groups: Dict[str, Dict[Pair, Dict[int, float]]] = {}
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
@@ -69,15 +80,23 @@ def load_metrics(folder: str) -> Series:
             for name, value in rec.items():
                 pair = parse_key(name)
                 if pair is not None and isinstance(value, (int, float)):
+                    per_pair = groups.setdefault(key_group(name), {})
                     per_pair.setdefault(pair, {})[int(rec["iteration"])] = float(value)
-    if not per_pair:
+    if not groups:
         raise ValueError(
             f"{path}: no label-instability scalars (names ending in 'instability_s<a>_s<b>', e.g. "
             "'diag/label_instability_s0_s1'); was the run trained with a StageInteractor or CSLA "
             "criterion?"
         )
+    if group is None:
+        names = sorted(groups)
+        group = next((g for g in names if "one2many" not in g), names[0])
+    elif group not in groups:
+        raise ValueError(
+            f"{path}: no instability scalars with the prefix {group!r}; found {sorted(groups)}"
+        )
     out: Series = {}
-    for pair, points in per_pair.items():
+    for pair, points in groups[group].items():
         iters = np.array(sorted(points), dtype=np.int64)
         out[pair] = (iters, np.array([points[i] for i in iters], dtype=np.float64))
     return out
@@ -166,6 +185,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--labels", nargs="+", default=None, help="one label per run")
     p.add_argument("--smooth", type=int, default=1, help="moving-average window (logged points)")
     p.add_argument("--title", default=None)
+    p.add_argument(
+        "--group",
+        default=None,
+        help="metric-name prefix to plot when a run logs several (e.g. csla/ or csla_one2many/)",
+    )
     return p.parse_args(argv)
 
 
@@ -176,7 +200,7 @@ def main(argv=None) -> int:
     if args.smooth < 1:
         raise ValueError(f"--smooth must be >= 1, got {args.smooth}")
     labels = args.labels or [run_label(r) for r in args.runs]
-    runs = [(label, load_metrics(r)) for label, r in zip(labels, args.runs)]
+    runs = [(label, load_metrics(r, args.group)) for label, r in zip(labels, args.runs)]
     pairs = plot_runs(runs, args.output, smooth=args.smooth, title=args.title)
     for label, series in runs:
         last = ", ".join(

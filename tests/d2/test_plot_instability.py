@@ -66,6 +66,16 @@ def test_load_metrics_resume_duplicates_and_missing_keys(tmp_path):
     _run(tmp_path / "b", [{"iteration": 0, "total_loss": 1.0}])
     with pytest.raises(ValueError, match="no label-instability scalars"):
         tool.load_metrics(str(tmp_path / "b"))
+    # H-DETR with CSLA on both branches: csla/ by default, csla_one2many/ on request
+    _run(
+        tmp_path / "h",
+        [{"iteration": 0, "csla_one2many/instability_s0_s1": 0.9, "csla/instability_s0_s1": 0.2}],
+    )
+    assert tool.key_group("csla_one2many/instability_s0_s1") == "csla_one2many/"
+    assert tool.load_metrics(str(tmp_path / "h"))[(0, 1)][1].tolist() == [0.2]
+    assert tool.load_metrics(str(tmp_path / "h"), "csla_one2many/")[(0, 1)][1].tolist() == [0.9]
+    with pytest.raises(ValueError, match="prefix 'diag/'"):
+        tool.load_metrics(str(tmp_path / "h"), "diag/")
     with pytest.raises(FileNotFoundError, match="no metrics.json"):
         tool.load_metrics(str(tmp_path / "missing"))
 
