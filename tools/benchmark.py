@@ -29,7 +29,8 @@
   (``stageinteractor.d2.flops``), batch 1 at ``--image-size``; 1 FLOP = 1 multiply-add.
 * ``--count-ops``: aten calls (``stageinteractor.core.op_count``) of one batch-1 ``no_grad``
   decoder inference (query generator, stages, top-k; no backbone/neck) and of the forward of one
-  training step (decoder + criterion as configured), per stage and per op.
+  training step (decoder + criterion as configured), per stage and per op; counted at
+  min(H, 256) x min(W, 384) (the count depends on the code path, not on the image size).
 * Load: 1-minute load average and the CPU share used by *other* processes during the run
   (``/proc/stat`` busy time minus this process's and its children's CPU time, over wall time x
   cores); a warning is printed when the machine is busy. ``--stress N`` starts N CPU-bound
@@ -629,8 +630,11 @@ def main(argv=None) -> Dict[str, Any]:
                 res[n]["flops"] = {"total": None, "error": f"{type(e).__name__}: {e}"}
         if args.count_ops:
             if is_stageinteractor(m):
-                log(f"{n}: counting decoder aten calls")
-                ops = count_ops(m, h, w)
+                # the count depends on the code path only, not on the image size: a small image
+                # (same size-divisibility as the timed one) keeps the backbone pass cheap
+                ch, cw = min(h, 256), min(w, 384)
+                log(f"{n}: counting decoder aten calls (batch 1, {ch}x{cw})")
+                ops = count_ops(m, ch, cw)
                 res[n].update(
                     decoder_aten_calls=ops["inference"]["total"], decoder_aten_calls_by_op=ops["inference"]["by_op"],
                     decoder_aten_calls_by_stage=ops["inference"]["by_section"],
