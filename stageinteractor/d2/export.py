@@ -30,9 +30,9 @@ output for a canvas larger than the image's own padded size differs slightly fro
 Exporter: the TorchScript exporter (``torch.onnx.export(dynamo=False)``). With torch 2.14.1 the
 ``dynamo=True`` exporter needs the extra package ``onnxscript`` and, with onnxscript 0.7.2,
 fails at its FX-decomposition step (a ``view`` of the non-contiguous attention output), so it is
-not used. ``grid_sample`` needs opset >= 16. torchvision's ``deform_conv2d`` (X101-DCN backbone)
-has an ONNX symbolic only from opset 19 on and onnxruntime has no CPU kernel for it: such
-exports raise a clear error or produce a graph onnxruntime cannot load.
+not used. ``grid_sample`` needs opset >= 16. torchvision 0.29's ``deform_conv2d`` (X101-DCN
+backbone) has no ONNX symbolic registered (``UnsupportedOperatorError`` at opsets 17 and 19,
+although ONNX has ``DeformConv`` from opset 19): exporting the X101-DCN model raises a clear error.
 """
 
 import warnings
@@ -150,8 +150,8 @@ def export_onnx(
         if any("deform" in type(mod).__name__.lower() for mod in model.modules()):
             raise RuntimeError(
                 f"export_onnx: export failed ({type(e).__name__}: {e}); the model has deformable "
-                "convolutions (torchvision deform_conv2d, X101-DCN), which export only from opset "
-                "19 and which onnxruntime cannot run on CPU"
+                "convolutions (torchvision deform_conv2d, X101-DCN), for which torchvision registers "
+                "no ONNX symbolic; export a backbone without DCN"
             ) from e
         raise
     import onnx

@@ -181,3 +181,33 @@ def test_tool_exports_and_verifies_real_images(tmp_path, capsys):
     assert out.is_file() and "verify: 2 images" in text and "PASS" in text
     with pytest.raises(FileNotFoundError, match="does not exist"):
         tool.main(["--config-file", str(tmp_path / "nope.py"), "--output", str(out)])
+
+
+class _DeformStem(torch.nn.Module):
+    """A 3x3 conv replaced by a deformable conv (offsets from a plain conv), like X101-DCN."""
+
+    def __init__(self, conv):
+        super().__init__()
+        from stageinteractor.d2.backbone.resnet import DeformConv2d
+
+        stride = conv.stride[0]
+        self.offset = torch.nn.Conv2d(conv.in_channels, 18, 3, stride=stride, padding=1)
+        self.dcn = DeformConv2d(conv.in_channels, conv.out_channels, 3, stride=stride, padding=1)
+
+    def forward(self, x):
+        return self.dcn(x, self.offset(x))
+
+
+def test_deformable_conv_reports_clear_error(tiny_model, tmp_path):
+    import copy
+
+    model = copy.deepcopy(tiny_model)
+    parent, name = next(
+        (m, n)
+        for m in model.backbone.modules()
+        for n, c in m.named_children()
+        if isinstance(c, torch.nn.Conv2d) and c.kernel_size == (3, 3)
+    )
+    setattr(parent, name, _DeformStem(getattr(parent, name)))
+    with pytest.raises(RuntimeError, match="deformable"):
+        export_onnx(model, str(tmp_path / "dcn.onnx"), image_size=(64, 64))
