@@ -150,8 +150,8 @@ def export_onnx(
         if any("deform" in type(mod).__name__.lower() for mod in model.modules()):
             raise RuntimeError(
                 f"export_onnx: export failed ({type(e).__name__}: {e}); the model has deformable "
-                "convolutions (torchvision deform_conv2d, X101-DCN), for which torchvision registers "
-                "no ONNX symbolic; export a backbone without DCN"
+                "convolutions (torchvision deform_conv2d, X101-DCN), for which torchvision "
+                "registers no ONNX symbolic; export a backbone without DCN"
             ) from e
         raise
     import onnx
