@@ -6,11 +6,12 @@ Examples::
 
     python tools/export_onnx.py --config-file configs/demo/stageinteractor_demo.py \
         --output model.onnx --dynamic-size \
-        --verify datasets/stageinteractor_demo/val/*.png \
+        --verify datasets/stageinteractor_demo/val --max-verify 5 \
         train.init_checkpoint=output/demo/stageinteractor/model_final.pth
 
     python tools/export_onnx.py \
-        --config-file configs/stageinteractor/stageinteractor_r50_100q_1x.py --output r50.onnx --image-size 800 1344 train.init_checkpoint=model.pth
+        --config-file configs/stageinteractor/stageinteractor_r50_100q_1x.py --output r50.onnx \
+        --image-size 800 1344 train.init_checkpoint=model.pth
 
 Graph: inputs ``image`` (1, 3, H, W) uint8 RGB (``--input-dtype float32`` for float), ``image_size``
 (2,) int64 (h, w) of the resized image inside ``image`` (top-left), ``orig_size`` (2,) int64
