@@ -45,7 +45,12 @@ from stageinteractor.d2.official_checkpoint import (  # noqa: E402
 
 def model_state_from_config(config_file: str):
     """State dict (shapes) of the model that ``config_file`` builds."""
-    return build_config_model(config_file).state_dict()
+    try:
+        return build_config_model(config_file).state_dict()
+    except ConversionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one message naming the config
+        raise ConversionError(f"{config_file}: cannot build cfg.model ({type(e).__name__}: {e})") from None
 
 
 def parse_args(argv=None):
