@@ -15,8 +15,9 @@ Our model (:class:`stageinteractor.d2.meta_arch.StageInteractor`) holds ``backbo
 * file handling with one clear :class:`ConversionError` per bad input (not a checkpoint,
   truncated file, another detector) and an atomic writer.
 
-The CLI is ``tools/convert_official_checkpoint.py``. Importing this module does not import
-detectron2 (only :func:`check_against_model` users build models).
+The CLI is ``tools/convert_official_checkpoint.py``. The key mapping uses no detectron2 API
+(the decoder part is pure core code); :func:`build_config_model` builds a LazyConfig's model
+to check a converted state dict against it (:func:`check_against_model`).
 """
 from __future__ import annotations
 
