@@ -15,7 +15,9 @@
   of ``--image-size`` with 8 random ground-truth boxes each (training).
 * Timings: A and B are measured **interleaved in one process** (ABBA order per iteration), so
   machine noise hits both; every figure comes with its spread (median, quartiles, min, max) and
-  the ratios are ratios of medians (``*_paired`` = median of per-iteration A/B ratios).
+  the ratios are ratios of medians (``*_paired`` = median of per-iteration A/B ratios;
+  ``*_cpu`` = the same from the process CPU time per call, robust to other processes' load
+  with ``--threads 1``).
   Inference = ``model(batch)`` in eval mode under ``no_grad`` (images/s = batch / time);
   ``--train`` adds the training step (forward + backward + AdamW step); ``--decoder-only`` times
   only the decoder (+ top-k) on precomputed neck outputs and skips the whole-model figures.
@@ -367,23 +369,30 @@ def _autocast(device: str, amp: bool):
     return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
 
 
+CPU_TIMES: Dict[str, Dict[str, List[float]]] = {}  # what -> name -> process CPU seconds per call
+
+
 def interleaved(fns: Dict[str, Callable[[], Any]], iters: int, warmup: int, device: str, what: str) -> Dict[str, List[float]]:
-    """Run the callables alternately (ABBA per iteration); seconds per call for each."""
+    """Run the callables alternately (ABBA per iteration); wall seconds per call for each.
+    The process CPU seconds of each call go to ``CPU_TIMES[what]`` (less sensitive to other
+    processes than wall time, most of all with one thread)."""
     names = list(fns)
     for i in range(warmup):
         for n in names:
             fns[n]()
         log(f"{what}: warm-up {i + 1}/{warmup}")
     times = {n: [] for n in names}
+    cpu = CPU_TIMES.setdefault(what, {n: [] for n in names})
     for i in range(iters):
         order = names if i % 2 == 0 else names[::-1]
         for n in order:
             _sync(device)
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fns[n]()
             _sync(device)
             times[n].append(time.perf_counter() - t0)
-        log(f"{what}: {i + 1}/{iters} " + "  ".join(f"{n}={times[n][-1]:.3f}s" for n in names))
+            cpu[n].append(time.process_time() - c0)
+        log(f"{what}: {i + 1}/{iters} " + "  ".join(f"{n}={times[n][-1]:.3f}s (cpu {cpu[n][-1]:.3f}s)" for n in names))
     return times
 
 
@@ -586,6 +595,9 @@ def _print_table(res: Dict[str, Any], names: List[str]) -> None:
             ("train step (s)", lambda r: fmt(r["train_step_s"])),
             ("train peak mem (MiB)", lambda r: fmt(r["train_peak_memory_bytes"], 2**20, 1)),
             ("decoder-only (s)", lambda r: fmt(r["decoder_only_s"], 1.0, 4)),
+            ("  process CPU s: inference", lambda r: fmt((r.get("inference_cpu_s_spread") or {}).get("median"))),
+            ("  process CPU s: train step", lambda r: fmt((r.get("train_cpu_s_spread") or {}).get("median"))),
+            ("  process CPU s: decoder-only", lambda r: fmt((r.get("decoder_only_cpu_s_spread") or {}).get("median"), 1.0, 4)),
             ("decoder aten calls", lambda r: str(r["decoder_aten_calls"] or "-")),
             ("decoder aten calls (train fwd)", lambda r: str(r["decoder_aten_calls_train"] or "-"))]
     print(f"{'':32s}" + "".join(f"{n:>16s}" for n in names))
@@ -663,6 +675,7 @@ def main(argv=None) -> Dict[str, Any]:
         if args.train:
             fns = {n: train_fn(models[n], batches[n], args.device, args.amp) for n in names}
             times["train"] = interleaved(fns, args.iters, args.warmup, args.device, "train step")
+    cpu_names = {"decoder_only": "decoder-only", "inference": "inference", "train": "train step"}
     for n in names:
         r = res[n]
         if "decoder_only" in times and n in times["decoder_only"]:
@@ -675,6 +688,9 @@ def main(argv=None) -> Dict[str, Any]:
         if "train" in times:
             r["train_step_s_spread"] = spread(times["train"][n])
             r["train_step_s"] = r["train_step_s_spread"]["median"]
+        for key, what in cpu_names.items():
+            if key in times and n in CPU_TIMES.get(what, {}):
+                r[f"{key}_cpu_s_spread"] = spread(CPU_TIMES[what][n])
     load = monitor.result()  # load of the timed sections (memory workers and stress excluded)
     if args.train and not args.decoder_only:
         log("peak training memory")
@@ -724,6 +740,12 @@ def main(argv=None) -> Dict[str, Any]:
             if src in times and "b" in times[src]:
                 pr = [x / y for x, y in zip(times[src]["a"], times[src]["b"])]
                 ratios[key] = statistics.median([1 / r for r in pr] if src == "inference" else pr)
+        for key in cpu_names:
+            ca, cb = a.get(f"{key}_cpu_s_spread"), b.get(f"{key}_cpu_s_spread")
+            if ca and cb:  # A/B of the per-call process CPU time (inference: of throughput)
+                r_ = ca["median"] / cb["median"]
+                label = {"inference": "inference_images_per_s", "train": "train_step_s"}.get(key, "decoder_only_s")
+                ratios[f"{label}_cpu"] = 1 / r_ if key == "inference" else r_
     out = {"settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "load": load,
            "a": res["a"], "b": res.get("b"), "ratios": ratios, "stress": stress}
