@@ -165,7 +165,7 @@ class CascadeDynamicMixing(nn.Module):
                 with the sigmoid already applied to the gate blocks "gates", "u", "v" (the stage
                 generates them as one contiguous block and applies one sigmoid).
             sampled: (B*N*G, P_in, C) sampled features I0.
-            bank: filters of earlier stages (``bank.channel`` (Mb, C, C, n) must hold
+            bank: filters of earlier stages (``bank.channel`` (Mb, C_in, n, C_out) must hold
                 ``num_reused_channel`` filters and ``bank.spatial`` at least ``reused_rows`` rows
                 when reuse is active).
         Returns:
@@ -228,11 +228,12 @@ class CascadeDynamicMixing(nn.Module):
         if usage == "current":
             return [m_cur] * n
         if usage == "previous":
-            return bank.channel.unbind(-1)
+            return bank.channel.unbind(2)
         Mb, C = m_cur.shape[0], self.channels
-        col, row = gen["gates"].view(Mb, C, 2, 1, n).unbind(2)  # sigmoid already applied; (Mb, C, 1, n)
+        col, row = gen["gates"].view(Mb, C, 2, n, 1).unbind(2)  # sigmoid already applied; (Mb, C, n, 1)
         # Eq. 3 as two interpolations towards M_cur (rows with a, then columns with c); this is
-        # exactly (a c^T)*M_j + (1 - a c^T)*M_cur. Bank layout (Mb, C_in, C_out, n).
-        cur = m_cur.unsqueeze(-1)
+        # exactly (a c^T)*M_j + (1 - a c^T)*M_cur. Bank layout (Mb, C_in, n, C_out): the result has
+        # the same layout, so each step's filter has unit column stride (fast batched GEMM).
+        cur = m_cur.unsqueeze(2)
         m_rows = torch.lerp(cur, bank.channel, row)  # row gate a broadcast over output channels
-        return torch.lerp(cur, m_rows, col.view(Mb, 1, C, n)).unbind(-1)
+        return torch.lerp(cur, m_rows, col.permute(0, 3, 2, 1)).unbind(2)  # c as (Mb, 1, n, C_out)

@@ -1,8 +1,10 @@
 """The cross-stage bank of dynamic filters (spec §2.5(d) step 8, §7.6).
 
 What is stored: the raw generated channel filters M of the stages since the bank (re)started,
-oldest first, stacked into **one** tensor ``(B*N*G, C, C, n)`` (filter index last) so that all reused filters of a
-stage are adapted in one batched expression; and the previous stage's full spatial filter
+oldest first, stacked into **one** tensor ``(B*N*G, C_in, n, C_out)`` (filter index between the
+input and output channels) so that all reused filters of a stage are adapted in one batched
+expression, and every filter ``channel[:, :, m]`` is a matrix with unit column stride (a valid
+BLAS operand: the cascade's ``baddbmm`` takes the batched-GEMM path without copying it); and the previous stage's full spatial filter
 ``(B*N*G, P_out, P_in)`` (its first rows are what the next stage reuses).
 
 Bookkeeping (released code, ``reuse_start = 2``): stages ``< reuse_start - 1`` store nothing
@@ -20,7 +22,7 @@ __all__ = ["FilterBank", "update_bank"]
 
 
 class FilterBank(NamedTuple):
-    """channel: (B*N*G, C_in, C_out, n) or None, oldest first (last axis); spatial: the previous
+    """channel: (B*N*G, C_in, n, C_out) or None, oldest first (axis 2); spatial: the previous
     stage's full spatial filter (B*N*G, P_out, P_in) or None."""
 
     channel: Optional[Tensor] = None
@@ -28,7 +30,7 @@ class FilterBank(NamedTuple):
 
     @property
     def num_channel(self) -> int:
-        return 0 if self.channel is None else self.channel.shape[-1]
+        return 0 if self.channel is None else self.channel.shape[2]
 
 
 def update_bank(
@@ -48,12 +50,12 @@ def update_bank(
         return FilterBank()
     channel = None
     if max_channel > 0:
-        new = channel_filter.unsqueeze(-1)
+        new = channel_filter.unsqueeze(2)
         if stage == reuse_start - 1 or max_channel == 1 or bank.channel is None:
             channel = new
         else:
             old = bank.channel
-            if old.shape[-1] > max_channel - 1:
-                old = old[..., old.shape[-1] - (max_channel - 1):]
-            channel = torch.cat([old, new], dim=-1)
+            if old.shape[2] > max_channel - 1:
+                old = old[:, :, old.shape[2] - (max_channel - 1):]
+            channel = torch.cat([old, new], dim=2)
     return FilterBank(channel=channel, spatial=spatial_filter if keep_spatial else None)

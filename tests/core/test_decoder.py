@@ -85,7 +85,7 @@ def test_adapter_equals_eq3_outer_product():
     g = torch.Generator().manual_seed(0)
     gates = torch.randn(Mb, C * 2 * n, generator=g)
     m_cur = torch.randn(Mb, C, C, generator=g)
-    bank = torch.randn(Mb, C, C, n, generator=g)
+    bank = torch.randn(Mb, C, n, C, generator=g)  # (Mb, C_in, n, C_out)
     sig = torch.sigmoid(gates)  # the stage's generator applies the sigmoid to the gate blocks
     got = mix._step_filters({"gates": sig}, m_cur, FilterBank(channel=bank))
     sig = sig.view(Mb, C, 2, n)
@@ -94,7 +94,7 @@ def test_adapter_equals_eq3_outer_product():
             a_row = sig[b, :, 1, m]  # row / input-channel gate
             c_col = sig[b, :, 0, m]  # column / output-channel gate
             w = torch.outer(a_row, c_col)
-            exp = w * bank[b, :, :, m] + (1 - w) * m_cur[b]
+            exp = w * bank[b, :, m] + (1 - w) * m_cur[b]
             assert torch.allclose(got[m][b], exp, atol=1e-6)
 
 
@@ -210,8 +210,8 @@ def test_bank_bookkeeping():
     b2 = update_bank(b1, M + 2, S, stage=2, reuse_start=2, max_channel=4, keep_spatial=True)
     b3 = update_bank(b2, M + 3, S, stage=3, reuse_start=2, max_channel=2, keep_spatial=False)
     assert b1.num_channel == 1 and b2.num_channel == 2 and b3.num_channel == 2
-    assert [float(b2.channel[0, 0, 0, i]) for i in range(2)] == [1.0, 2.0]  # oldest first
-    assert [float(b3.channel[0, 0, 0, i]) for i in range(2)] == [2.0, 3.0]  # newest max_channel kept
+    assert [float(b2.channel[0, 0, i, 0]) for i in range(2)] == [1.0, 2.0]  # oldest first
+    assert [float(b3.channel[0, 0, i, 0]) for i in range(2)] == [2.0, 3.0]  # newest max_channel kept
     assert b3.spatial is None and b2.spatial is S
 
 
