@@ -566,7 +566,8 @@ def parse_args(argv=None):
     p.add_argument("--stress", type=int, default=0, metavar="N")
     p.add_argument("--decoder-only", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    p.add_argument("--memory-repeats", type=int, default=2)
+    p.add_argument("--memory-repeats", type=int, default=2, help="peak-memory measurements per model "
+                   "(fresh processes on CPU); 0 = skip")
     p.add_argument("--no-flops", action="store_true", help="skip the fvcore FLOP count")
     p.add_argument("--_memory-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("opts", nargs="*", default=[], help="overrides of A, key=value (after the options, or "
@@ -692,7 +693,7 @@ def main(argv=None) -> Dict[str, Any]:
             if key in times and n in CPU_TIMES.get(what, {}):
                 r[f"{key}_cpu_s_spread"] = spread(CPU_TIMES[what][n])
     load = monitor.result()  # load of the timed sections (memory workers and stress excluded)
-    if args.train and not args.decoder_only:
+    if args.train and not args.decoder_only and args.memory_repeats > 0:
         log("peak training memory")
         if args.device == "cuda":
             mem = measure_memory_cuda(models, batches, args.device, args.amp)
