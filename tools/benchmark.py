@@ -44,6 +44,7 @@ JSON (``--json``): ``{"settings", "load", "a", "b", "ratios", "stress"}``; ``a``
 (medians; ``*_spread`` dicts alongside), ``decoder_only_s``, ``decoder_aten_calls``,
 ``decoder_aten_calls_train``, ``decoder_aten_calls_by_op`` (+ ``_by_stage``) and ``load_info``.
 """
+
 import argparse
 import contextlib
 import json
@@ -60,6 +61,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
+
 def log(msg: str) -> None:
     print(f"[benchmark {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -74,8 +76,16 @@ def spread(values: Sequence[float]) -> Optional[Dict[str, Any]]:
         q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
     else:
         q1 = q3 = xs[0]
-    return {"median": statistics.median(xs), "q1": q1, "q3": q3, "iqr": q3 - q1, "min": xs[0],
-            "max": xs[-1], "n": len(xs), "values": xs}
+    return {
+        "median": statistics.median(xs),
+        "q1": q1,
+        "q3": q3,
+        "iqr": q3 - q1,
+        "min": xs[0],
+        "max": xs[-1],
+        "n": len(xs),
+        "values": xs,
+    }
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -89,7 +99,9 @@ def _proc_stat_busy() -> Optional[float]:
         with open("/proc/stat") as f:
             parts = f.readline().split()
         v = [int(x) for x in parts[1:]]
-        return (v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)) / os.sysconf("SC_CLK_TCK")
+        return (v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)) / os.sysconf(
+            "SC_CLK_TCK"
+        )
     except (OSError, ValueError, IndexError):
         return None
 
@@ -121,15 +133,26 @@ class LoadMonitor:
         others = None
         if self.busy0 is not None and busy1 is not None and wall > 0:
             others = max(0.0, ((busy1 - self.busy0) - (own1 - self.own0)) / (wall * self.ncpu))
-        res = {"loadavg_1min_start": self.load_start, "loadavg_1min_end": _loadavg1(), "cpus": self.ncpu,
-               "other_processes_cpu_share": others, "own_cpu_s": own1 - self.own0, "wall_s": wall}
+        res = {
+            "loadavg_1min_start": self.load_start,
+            "loadavg_1min_end": _loadavg1(),
+            "cpus": self.ncpu,
+            "other_processes_cpu_share": others,
+            "own_cpu_s": own1 - self.own0,
+            "wall_s": wall,
+        }
         loads = [x for x in (res["loadavg_1min_start"], res["loadavg_1min_end"]) if x is not None]
-        res["busy"] = bool((others is not None and others > 0.2) or (loads and max(loads) > 0.75 * self.ncpu))
+        res["busy"] = bool(
+            (others is not None and others > 0.2) or (loads and max(loads) > 0.75 * self.ncpu)
+        )
         return res
 
 
 # ------------------------------------------------------------------------------------ stress
-_BUSY_LOOP = "import sys, time\nend = time.time() + float(sys.argv[1])\nx = 0\nwhile time.time() < end:\n    x += 1\n"
+_BUSY_LOOP = (
+    "import sys, time\nend = time.time() + float(sys.argv[1])\nx = 0\n"
+    "while time.time() < end:\n    x += 1\n"
+)
 
 
 class Stressor:
@@ -142,7 +165,9 @@ class Stressor:
 
     def __enter__(self):
         for _ in range(self.num):
-            self.procs.append(subprocess.Popen([sys.executable, "-c", _BUSY_LOOP, str(self.limit_s)]))
+            self.procs.append(
+                subprocess.Popen([sys.executable, "-c", _BUSY_LOOP, str(self.limit_s)])
+            )
         time.sleep(0.5)
         return self
 
@@ -203,11 +228,15 @@ def load_model_config(config_file: str, opts: Sequence[str], device: str):
             pass  # not a detrex DINO model
     if "device" in cfg.model:
         cfg.model.device = device
-    return cfg.model, {"config_file": config_file, "opts": list(opts), "device_agnostic_dino": swapped}
+    return cfg.model, {
+        "config_file": config_file,
+        "opts": list(opts),
+        "device_agnostic_dino": swapped,
+    }
 
 
 def build_model(config_file: str, opts: Sequence[str], device: str, model_cfg=None, info=None):
-    """Instantiate ``model`` of a LazyConfig (random weights) on ``device``; returns (model, info)."""
+    """Instantiate a LazyConfig's ``model`` (random weights) on ``device``: (model, info)."""
     from detectron2.config import instantiate
 
     if model_cfg is None:
@@ -220,7 +249,8 @@ def build_model(config_file: str, opts: Sequence[str], device: str, model_cfg=No
 
 def is_stageinteractor(model) -> bool:
     return all(hasattr(model, a) for a in ("extract_features", "decoder", "criterion")) and hasattr(
-        model.decoder, "stages")
+        model.decoder, "stages"
+    )
 
 
 def _num_classes(model) -> int:
@@ -267,8 +297,11 @@ def _stage_list(decoder) -> Optional[Any]:
 def param_counts(model) -> Dict[str, Any]:
     """Total / trainable parameters, per top-level module and per decoder stage."""
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    res = {"total": count(model), "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-           "modules": {n: count(m) for n, m in model.named_children()}}
+    res = {
+        "total": count(model),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "modules": {n: count(m) for n, m in model.named_children()},
+    }
     dec = _decoder_module(model)
     stages = _stage_list(dec)
     res["decoder"] = count(dec) if dec is not None else None
@@ -304,26 +337,39 @@ def count_flops(model, h: int, w: int) -> Dict[str, Any]:
 
             def forward(self, images, sizes):
                 outs = self.model.decoder(self.model.extract_features(images), sizes)
-                det = topk_detections(outs[-1]["logits"], outs[-1]["boxes"], self.model.max_detections_per_image)
-                return tuple(o[k] for o in outs for k in ("logits", "boxes")) + (det["scores"], det["boxes"])
+                det = topk_detections(
+                    outs[-1]["logits"], outs[-1]["boxes"], self.model.max_detections_per_image
+                )
+                return tuple(o[k] for o in outs for k in ("logits", "boxes")) + (
+                    det["scores"],
+                    det["boxes"],
+                )
 
         with torch.no_grad():
             analysis = flop_analysis(_Inference(model), _normalized_images(model, batch))
     else:
         with torch.no_grad():
             analysis = flop_analysis(model, batch, detectron2_inputs=True)
-    by_module = {k[len("model."):] if k.startswith("model.") else k: int(v) for k, v in analysis.by_module().items()}
-    res = {"total": int(analysis.total()), "by_operator": {k: int(v) for k, v in analysis.by_operator().items()},
-           "matrix_products": matrix_product_flops(analysis),
-           "modules": {n: by_module.get(n, 0) for n, _ in model.named_children()},
-           "unsupported_ops": dict(analysis.unsupported_ops())}
+    by_module = {
+        k[len("model.") :] if k.startswith("model.") else k: int(v)
+        for k, v in analysis.by_module().items()
+    }
+    res = {
+        "total": int(analysis.total()),
+        "by_operator": {k: int(v) for k, v in analysis.by_operator().items()},
+        "matrix_products": matrix_product_flops(analysis),
+        "modules": {n: by_module.get(n, 0) for n, _ in model.named_children()},
+        "unsupported_ops": dict(analysis.unsupported_ops()),
+    }
     dec = _decoder_module(model)
     stages = _stage_list(dec)
     dec_name = next((n for n, m in model.named_modules() if m is dec), None)
     if dec_name is not None:
         res["decoder"] = by_module.get(dec_name, 0)
         sname = "stages" if hasattr(dec, "stages") else "layers"
-        res["decoder_stages"] = [by_module.get(f"{dec_name}.{sname}.{i}", 0) for i in range(len(stages or []))]
+        res["decoder_stages"] = [
+            by_module.get(f"{dec_name}.{sname}.{i}", 0) for i in range(len(stages or []))
+        ]
     return res
 
 
@@ -341,16 +387,28 @@ def count_ops(model, h: int, w: int) -> Dict[str, Any]:
         feats = [f.detach() for f in model.extract_features(images)]
     k = model.max_detections_per_image
     inf = count_decoder_inference(
-        model.decoder, feats, sizes, postprocess=lambda outs: topk_detections(outs[-1]["logits"], outs[-1]["boxes"], k))
+        model.decoder,
+        feats,
+        sizes,
+        postprocess=lambda outs: topk_detections(outs[-1]["logits"], outs[-1]["boxes"], k),
+    )
     model.train()
     gt_boxes, gt_classes, gt_mask = model.prepare_targets(batch)
-    tr = count_decoder_training(model.decoder, model.criterion, feats, sizes,
-                                {"gt_boxes": gt_boxes, "gt_classes": gt_classes, "gt_mask": gt_mask})
+    tr = count_decoder_training(
+        model.decoder,
+        model.criterion,
+        feats,
+        sizes,
+        {"gt_boxes": gt_boxes, "gt_classes": gt_classes, "gt_mask": gt_mask},
+    )
     model.zero_grad(set_to_none=True)
     model.eval()
     assigner = getattr(model.criterion, "assigner", None)
-    return {"inference": inf, "train_forward": tr,
-            "csla_enabled": getattr(assigner, "enabled", None) if assigner is not None else None}
+    return {
+        "inference": inf,
+        "train_forward": tr,
+        "csla_enabled": getattr(assigner, "enabled", None) if assigner is not None else None,
+    }
 
 
 # ------------------------------------------------------------------------------------ timing
@@ -366,13 +424,17 @@ def _autocast(device: str, amp: bool):
 
     if not amp:
         return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+    return torch.autocast(
+        device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16
+    )
 
 
 CPU_TIMES: Dict[str, Dict[str, List[float]]] = {}  # what -> name -> process CPU seconds per call
 
 
-def interleaved(fns: Dict[str, Callable[[], Any]], iters: int, warmup: int, device: str, what: str) -> Dict[str, List[float]]:
+def interleaved(
+    fns: Dict[str, Callable[[], Any]], iters: int, warmup: int, device: str, what: str
+) -> Dict[str, List[float]]:
     """Run the callables alternately (ABBA per iteration); wall seconds per call for each.
     The process CPU seconds of each call go to ``CPU_TIMES[what]`` (less sensitive to other
     processes than wall time, most of all with one thread)."""
@@ -392,7 +454,10 @@ def interleaved(fns: Dict[str, Callable[[], Any]], iters: int, warmup: int, devi
             _sync(device)
             times[n].append(time.perf_counter() - t0)
             cpu[n].append(time.process_time() - c0)
-        log(f"{what}: {i + 1}/{iters} " + "  ".join(f"{n}={times[n][-1]:.3f}s (cpu {cpu[n][-1]:.3f}s)" for n in names))
+        log(
+            f"{what}: {i + 1}/{iters} "
+            + "  ".join(f"{n}={times[n][-1]:.3f}s (cpu {cpu[n][-1]:.3f}s)" for n in names)
+        )
     return times
 
 
@@ -426,7 +491,8 @@ def train_fn(model, batch, device: str, amp: bool):
 
 
 def decoder_fns(model, batch, device: str, amp: bool):
-    """(decoder-only callable on precomputed neck outputs, backbone+neck callable) or (None, None)."""
+    """(decoder-only callable on precomputed neck outputs, backbone+neck callable), or
+    (None, None) for models without ``extract_features``/``decoder.stages``."""
     import torch
 
     from stageinteractor.core.postprocess import topk_detections
@@ -487,11 +553,15 @@ def memory_worker(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_cfg, info = load_model_config(args.config_file, args.opts, "cpu")  # imports the config's modules
+    model_cfg, info = load_model_config(
+        args.config_file, args.opts, "cpu"
+    )  # imports the config's modules
     if _reset_peak_rss():
         method, base = "VmHWM-VmRSS(after imports)", _status_kib("VmRSS") * 1024
     else:
-        method, base = "ru_maxrss delta", _rss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        method, base = "ru_maxrss delta", _rss_bytes(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        )
     model, _ = build_model(args.config_file, args.opts, "cpu", model_cfg, info)
     if args.compile and is_stageinteractor(model):
         model.decoder = torch.compile(model.decoder)
@@ -503,8 +573,18 @@ def memory_worker(args) -> None:
         peak = _status_kib("VmHWM") * 1024
     else:
         peak = _rss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-    print("MEMORY_RESULT " + json.dumps({"peak_rss_bytes": peak, "baseline_rss_bytes": base, "method": method,
-                                         "train_peak_memory_bytes": max(0, peak - base)}), flush=True)
+    print(
+        "MEMORY_RESULT "
+        + json.dumps(
+            {
+                "peak_rss_bytes": peak,
+                "baseline_rss_bytes": base,
+                "method": method,
+                "train_peak_memory_bytes": max(0, peak - base),
+            }
+        ),
+        flush=True,
+    )
 
 
 def measure_memory_cpu(args, which: Dict[str, tuple]) -> Dict[str, List[int]]:
@@ -512,24 +592,39 @@ def measure_memory_cpu(args, which: Dict[str, tuple]) -> Dict[str, List[int]]:
     res = {n: [] for n in which}
     for r in range(args.memory_repeats):
         for n, (cfg, opts) in which.items():
-            cmd = [sys.executable, os.path.abspath(__file__), "--_memory-worker", "--config-file", cfg,
-                   "--image-size", str(args.image_size[0]), str(args.image_size[1]),
-                   "--batch-size", str(args.batch_size)]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--_memory-worker",
+                "--config-file",
+                cfg,
+                "--image-size",
+                str(args.image_size[0]),
+                str(args.image_size[1]),
+                "--batch-size",
+                str(args.batch_size),
+            ]
             cmd += ["--threads", str(args.threads)] if args.threads else []
             cmd += ["--amp"] if args.amp else []
             cmd += ["--compile"] if args.compile else []
             cmd += ["--", *opts]
             proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("MEMORY_RESULT ")), None)
+            line = next(
+                (l for l in proc.stdout.splitlines() if l.startswith("MEMORY_RESULT ")), None
+            )
             if proc.returncode != 0 or line is None:
-                raise RuntimeError(f"memory worker for {n} ({cfg}) failed (exit {proc.returncode}):\n"
-                                   f"{proc.stderr[-3000:]}")
-            res[n].append(json.loads(line[len("MEMORY_RESULT "):])["train_peak_memory_bytes"])
+                raise RuntimeError(
+                    f"memory worker for {n} ({cfg}) failed (exit {proc.returncode}):\n"
+                    f"{proc.stderr[-3000:]}"
+                )
+            res[n].append(json.loads(line[len("MEMORY_RESULT ") :])["train_peak_memory_bytes"])
             log(f"memory {r + 1}/{args.memory_repeats} {n}: {res[n][-1] / 2**20:.1f} MiB")
     return res
 
 
-def measure_memory_cuda(models: Dict[str, Any], batch, device: str, amp: bool) -> Dict[str, List[int]]:
+def measure_memory_cuda(
+    models: Dict[str, Any], batch, device: str, amp: bool
+) -> Dict[str, List[int]]:
     import torch
 
     res = {}
@@ -547,12 +642,18 @@ def measure_memory_cuda(models: Dict[str, Any], batch, device: str, amp: bool) -
 
 # ------------------------------------------------------------------------------------ main
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config-file", required=True)
     p.add_argument("--compare-config", default=None)
-    p.add_argument("--compare-opts", nargs="*", default=None, metavar="KEY=VALUE",
-                   help="overrides for B only (B = A's config when --compare-config is absent)")
+    p.add_argument(
+        "--compare-opts",
+        nargs="*",
+        default=None,
+        metavar="KEY=VALUE",
+        help="overrides for B only (B = A's config when --compare-config is absent)",
+    )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--image-size", nargs=2, type=int, default=(800, 1216), metavar=("H", "W"))
     p.add_argument("--batch-size", type=int, default=1)
@@ -560,18 +661,29 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--train", action="store_true", help="also time training steps and peak memory")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decoder (whole model for others)")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the decoder (whole model for others)"
+    )
     p.add_argument("--json", default=None, metavar="PATH")
     p.add_argument("--count-ops", action="store_true")
     p.add_argument("--stress", type=int, default=0, metavar="N")
     p.add_argument("--decoder-only", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    p.add_argument("--memory-repeats", type=int, default=2, help="peak-memory measurements per model "
-                   "(fresh processes on CPU); 0 = skip")
+    p.add_argument(
+        "--memory-repeats",
+        type=int,
+        default=2,
+        help="peak-memory measurements per model " "(fresh processes on CPU); 0 = skip",
+    )
     p.add_argument("--no-flops", action="store_true", help="skip the fvcore FLOP count")
     p.add_argument("--_memory-worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("opts", nargs="*", default=[], help="overrides of A, key=value (after the options, or "
-                   "before --compare-opts, whose values run up to the next option)")
+    p.add_argument(
+        "opts",
+        nargs="*",
+        default=[],
+        help="overrides of A, key=value (after the options, or "
+        "before --compare-opts, whose values run up to the next option)",
+    )
     args = p.parse_args(argv)
     args.opts = [o for o in args.opts if o != "--"]
     if args.compare_opts is not None:
@@ -588,19 +700,30 @@ def _print_table(res: Dict[str, Any], names: List[str]) -> None:
     def fmt(v, scale=1.0, digits=3):
         return "-" if v is None else f"{v / scale:.{digits}f}"
 
-    rows = [("params (M)", lambda r: fmt(r["params"]["total"], 1e6)),
-            ("  decoder params (M)", lambda r: fmt(r["params"]["decoder"], 1e6)),
-            ("FLOPs (G)", lambda r: fmt(r["flops"]["total"] if r["flops"] else None, 1e9, 2)),
-            ("  decoder FLOPs (G)", lambda r: fmt((r["flops"] or {}).get("decoder"), 1e9, 2)),
-            ("inference img/s", lambda r: fmt(r["inference_images_per_s"])),
-            ("train step (s)", lambda r: fmt(r["train_step_s"])),
-            ("train peak mem (MiB)", lambda r: fmt(r["train_peak_memory_bytes"], 2**20, 1)),
-            ("decoder-only (s)", lambda r: fmt(r["decoder_only_s"], 1.0, 4)),
-            ("  process CPU s: inference", lambda r: fmt((r.get("inference_cpu_s_spread") or {}).get("median"))),
-            ("  process CPU s: train step", lambda r: fmt((r.get("train_cpu_s_spread") or {}).get("median"))),
-            ("  process CPU s: decoder-only", lambda r: fmt((r.get("decoder_only_cpu_s_spread") or {}).get("median"), 1.0, 4)),
-            ("decoder aten calls", lambda r: str(r["decoder_aten_calls"] or "-")),
-            ("decoder aten calls (train fwd)", lambda r: str(r["decoder_aten_calls_train"] or "-"))]
+    rows = [
+        ("params (M)", lambda r: fmt(r["params"]["total"], 1e6)),
+        ("  decoder params (M)", lambda r: fmt(r["params"]["decoder"], 1e6)),
+        ("FLOPs (G)", lambda r: fmt(r["flops"]["total"] if r["flops"] else None, 1e9, 2)),
+        ("  decoder FLOPs (G)", lambda r: fmt((r["flops"] or {}).get("decoder"), 1e9, 2)),
+        ("inference img/s", lambda r: fmt(r["inference_images_per_s"])),
+        ("train step (s)", lambda r: fmt(r["train_step_s"])),
+        ("train peak mem (MiB)", lambda r: fmt(r["train_peak_memory_bytes"], 2**20, 1)),
+        ("decoder-only (s)", lambda r: fmt(r["decoder_only_s"], 1.0, 4)),
+        (
+            "  process CPU s: inference",
+            lambda r: fmt((r.get("inference_cpu_s_spread") or {}).get("median")),
+        ),
+        (
+            "  process CPU s: train step",
+            lambda r: fmt((r.get("train_cpu_s_spread") or {}).get("median")),
+        ),
+        (
+            "  process CPU s: decoder-only",
+            lambda r: fmt((r.get("decoder_only_cpu_s_spread") or {}).get("median"), 1.0, 4),
+        ),
+        ("decoder aten calls", lambda r: str(r["decoder_aten_calls"] or "-")),
+        ("decoder aten calls (train fwd)", lambda r: str(r["decoder_aten_calls_train"] or "-")),
+    ]
     print(f"{'':32s}" + "".join(f"{n:>16s}" for n in names))
     for label, f in rows:
         print(f"{label:32s}" + "".join(f"{f(res[n]):>16s}" for n in names))
@@ -625,13 +748,25 @@ def main(argv=None) -> Dict[str, Any]:
         log(f"building {n}: {cfg} {' '.join(opts)}")
         models[n], infos[n] = build_model(cfg, opts, args.device)
         batches[n] = make_batch(models[n], args.batch_size, h, w)
-        res[n] = {"load_info": infos[n], "params": param_counts(models[n]), "flops": None,
-                  "inference_images_per_s": None, "inference_s_spread": None, "train_step_s": None,
-                  "train_step_s_spread": None, "train_peak_memory_bytes": None,
-                  "train_peak_memory_spread": None, "decoder_only_s": None, "decoder_only_s_spread": None,
-                  "decoder_aten_calls": None, "decoder_aten_calls_train": None,
-                  "decoder_aten_calls_by_op": None, "decoder_aten_calls_by_stage": None,
-                  "decoder_aten_calls_train_by_op": None, "decoder_aten_calls_train_by_stage": None}
+        res[n] = {
+            "load_info": infos[n],
+            "params": param_counts(models[n]),
+            "flops": None,
+            "inference_images_per_s": None,
+            "inference_s_spread": None,
+            "train_step_s": None,
+            "train_step_s_spread": None,
+            "train_peak_memory_bytes": None,
+            "train_peak_memory_spread": None,
+            "decoder_only_s": None,
+            "decoder_only_s_spread": None,
+            "decoder_aten_calls": None,
+            "decoder_aten_calls_train": None,
+            "decoder_aten_calls_by_op": None,
+            "decoder_aten_calls_by_stage": None,
+            "decoder_aten_calls_train_by_op": None,
+            "decoder_aten_calls_train_by_stage": None,
+        }
     for n in names:
         m = models[n]
         if not args.no_flops:
@@ -649,14 +784,19 @@ def main(argv=None) -> Dict[str, Any]:
                 log(f"{n}: counting decoder aten calls (batch 1, {ch}x{cw})")
                 ops = count_ops(m, ch, cw)
                 res[n].update(
-                    decoder_aten_calls=ops["inference"]["total"], decoder_aten_calls_by_op=ops["inference"]["by_op"],
+                    decoder_aten_calls=ops["inference"]["total"],
+                    decoder_aten_calls_by_op=ops["inference"]["by_op"],
                     decoder_aten_calls_by_stage=ops["inference"]["by_section"],
                     decoder_aten_calls_train=ops["train_forward"]["total"],
                     decoder_aten_calls_train_by_op=ops["train_forward"]["by_op"],
                     decoder_aten_calls_train_by_stage=ops["train_forward"]["by_section"],
-                    csla_enabled=ops["csla_enabled"])
+                    csla_enabled=ops["csla_enabled"],
+                )
             else:
-                log(f"{n}: --count-ops needs a StageInteractor-style model (decoder.stages); skipped")
+                log(
+                    f"{n}: --count-ops needs a StageInteractor-style model (decoder.stages); "
+                    "skipped"
+                )
     if args.compile:
         for n, m in models.items():
             if is_stageinteractor(m):
@@ -669,7 +809,9 @@ def main(argv=None) -> Dict[str, Any]:
         fns = {n: decoder_fns(models[n], batches[n], args.device, args.amp)[0] for n in names}
         fns = {n: f for n, f in fns.items() if f is not None}
         if fns:
-            times["decoder_only"] = interleaved(fns, args.iters, args.warmup, args.device, "decoder-only")
+            times["decoder_only"] = interleaved(
+                fns, args.iters, args.warmup, args.device, "decoder-only"
+            )
     else:
         fns = {n: inference_fn(models[n], batches[n], args.device, args.amp) for n in names}
         times["inference"] = interleaved(fns, args.iters, args.warmup, args.device, "inference")
@@ -717,27 +859,39 @@ def main(argv=None) -> Dict[str, Any]:
             idle = interleaved(fns, args.iters, args.warmup, args.device, "stress: idle")
             limit = 60 + 30 * args.iters * len(fns)
             with Stressor(args.stress, limit):
-                busy = interleaved(fns, args.iters, 1, args.device, f"stress: {args.stress} workers")
+                busy = interleaved(
+                    fns, args.iters, 1, args.device, f"stress: {args.stress} workers"
+                )
             for key in fns:
                 n, part = key.split(".")
                 i_med, s_med = statistics.median(idle[key]), statistics.median(busy[key])
                 stress["models"].setdefault(n, {})[part] = {
-                    "idle_s": spread(idle[key]), "stressed_s": spread(busy[key]), "slowdown": s_med / i_med}
+                    "idle_s": spread(idle[key]),
+                    "stressed_s": spread(busy[key]),
+                    "slowdown": s_med / i_med,
+                }
 
     ratios = {}
     if "b" in res:
         a, b = res["a"], res["b"]
         ratios = {
-            "inference_images_per_s": _ratio(a["inference_images_per_s"], b["inference_images_per_s"]),
+            "inference_images_per_s": _ratio(
+                a["inference_images_per_s"], b["inference_images_per_s"]
+            ),
             "train_step_s": _ratio(a["train_step_s"], b["train_step_s"]),
-            "train_peak_memory_bytes": _ratio(a["train_peak_memory_bytes"], b["train_peak_memory_bytes"]),
+            "train_peak_memory_bytes": _ratio(
+                a["train_peak_memory_bytes"], b["train_peak_memory_bytes"]
+            ),
             "decoder_only_s": _ratio(a["decoder_only_s"], b["decoder_only_s"]),
             "decoder_only_images_per_s": _ratio(b["decoder_only_s"], a["decoder_only_s"]),
             "params": _ratio(a["params"]["total"], b["params"]["total"]),
             "flops": _ratio((a["flops"] or {}).get("total"), (b["flops"] or {}).get("total")),
         }
-        for key, src in (("inference_images_per_s_paired", "inference"), ("train_step_s_paired", "train"),
-                         ("decoder_only_s_paired", "decoder_only")):
+        for key, src in (
+            ("inference_images_per_s_paired", "inference"),
+            ("train_step_s_paired", "train"),
+            ("decoder_only_s_paired", "decoder_only"),
+        ):
             if src in times and "b" in times[src]:
                 pr = [x / y for x, y in zip(times[src]["a"], times[src]["b"])]
                 ratios[key] = statistics.median([1 / r for r in pr] if src == "inference" else pr)
@@ -745,30 +899,55 @@ def main(argv=None) -> Dict[str, Any]:
             ca, cb = a.get(f"{key}_cpu_s_spread"), b.get(f"{key}_cpu_s_spread")
             if ca and cb:  # A/B of the per-call process CPU time (inference: of throughput)
                 r_ = ca["median"] / cb["median"]
-                label = {"inference": "inference_images_per_s", "train": "train_step_s"}.get(key, "decoder_only_s")
+                label = {"inference": "inference_images_per_s", "train": "train_step_s"}.get(
+                    key, "decoder_only_s"
+                )
                 ratios[f"{label}_cpu"] = 1 / r_ if key == "inference" else r_
-    out = {"settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-           "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "load": load,
-           "a": res["a"], "b": res.get("b"), "ratios": ratios, "stress": stress}
+    out = {
+        "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load": load,
+        "a": res["a"],
+        "b": res.get("b"),
+        "ratios": ratios,
+        "stress": stress,
+    }
     _print_table(res, names)
     if ratios:
-        print("ratios A/B: " + ", ".join(f"{k}={v:.3f}" for k, v in ratios.items() if v is not None))
+        print(
+            "ratios A/B: " + ", ".join(f"{k}={v:.3f}" for k, v in ratios.items() if v is not None)
+        )
     for n in names:
         if res[n]["decoder_aten_calls_by_stage"]:
-            print(f"{n}: decoder aten calls per section (inference): {res[n]['decoder_aten_calls_by_stage']}")
-            print(f"{n}: decoder aten calls per section (train fwd): {res[n]['decoder_aten_calls_train_by_stage']}")
+            print(
+                f"{n}: decoder aten calls per section (inference): "
+                f"{res[n]['decoder_aten_calls_by_stage']}"
+            )
+            print(
+                f"{n}: decoder aten calls per section (train fwd): "
+                f"{res[n]['decoder_aten_calls_train_by_stage']}"
+            )
             top = list(res[n]["decoder_aten_calls_by_op"].items())[:15]
             print(f"{n}: top ops (inference): " + ", ".join(f"{k}={v}" for k, v in top))
     if stress:
         for n, parts in stress["models"].items():
-            print(f"{n}: slowdown under {args.stress} stress workers: "
-                  + ", ".join(f"{p}={v['slowdown']:.2f}x" for p, v in parts.items()))
+            print(
+                f"{n}: slowdown under {args.stress} stress workers: "
+                + ", ".join(f"{p}={v['slowdown']:.2f}x" for p, v in parts.items())
+            )
     oth = load["other_processes_cpu_share"]
-    print(f"load: 1-min loadavg {load['loadavg_1min_start']} -> {load['loadavg_1min_end']}, other processes used "
-          f"{'n/a' if oth is None else f'{100 * oth:.0f}%'} of {load['cpus']} CPUs")
+    print(
+        f"load: 1-min loadavg {load['loadavg_1min_start']} -> {load['loadavg_1min_end']}, "
+        "other processes used "
+        f"{'n/a' if oth is None else f'{100 * oth:.0f}%'} of {load['cpus']} CPUs"
+    )
     if load["busy"]:
-        print("WARNING: the machine was busy during the measurements: absolute timings are noisy; "
-              "A/B ratios (interleaved) are more robust", file=sys.stderr)
+        print(
+            "WARNING: the machine was busy during the measurements: absolute timings are noisy; "
+            "A/B ratios (interleaved) are more robust",
+            file=sys.stderr,
+        )
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -11,6 +11,7 @@ This is the one counter implementation of the project: the op-budget test
 The count is a property of the code path, not of tensor sizes (it does not depend on B, N, D
 as long as the same branches run).
 """
+
 import collections
 import contextlib
 from typing import Callable, Dict, Iterator, List, Optional
@@ -71,13 +72,21 @@ class OpCounter(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def stage_sections(counter: OpCounter, stages: nn.ModuleList, outside: str = "decoder") -> Iterator[None]:
+def stage_sections(
+    counter: OpCounter, stages: nn.ModuleList, outside: str = "decoder"
+) -> Iterator[None]:
     """While active, calls inside ``stages[s].forward`` count under ``"stage{s}"``; after each
     stage the section returns to ``outside``."""
     handles = []
     for s, stage in enumerate(stages):
-        handles.append(stage.register_forward_pre_hook(lambda m, a, s=s: setattr(counter, "section", f"stage{s}")))
-        handles.append(stage.register_forward_hook(lambda m, a, o: setattr(counter, "section", outside)))
+        handles.append(
+            stage.register_forward_pre_hook(
+                lambda m, a, s=s: setattr(counter, "section", f"stage{s}")
+            )
+        )
+        handles.append(
+            stage.register_forward_hook(lambda m, a, o: setattr(counter, "section", outside))
+        )
     try:
         yield
     finally:
@@ -128,10 +137,13 @@ def count_decoder_training(
     """aten calls of the forward of one training step: decoder (grad enabled) + criterion +
     the sum of the losses (no backward). ``targets``: ``gt_boxes``, ``gt_classes``, ``gt_mask``
     (DESIGN.md). Sections: ``decoder``, ``stage0..``, ``criterion``."""
+
     def run():
         out = decoder(features, image_sizes)
         with counter.in_section("criterion"):
-            losses = criterion(out, targets["gt_boxes"], targets["gt_classes"], targets["gt_mask"], image_sizes)
+            losses = criterion(
+                out, targets["gt_boxes"], targets["gt_classes"], targets["gt_mask"], image_sizes
+            )
             return sum(losses.values())
 
     counter = OpCounter("decoder")

@@ -20,6 +20,7 @@ fvcore also counts, with its own handles, convolutions, norms (batch/group/layer
 and upsampling; other element-wise ops count 0. :data:`MATRIX_PRODUCT_OPS` lists the
 matrix-product ops, e.g. to compare ``by_operator()`` with a hand count.
 """
+
 from typing import Any, List, Optional, Sequence
 
 import numpy as np
@@ -80,7 +81,9 @@ EXTRA_HANDLES = {
 }
 
 
-def flop_analysis(model: nn.Module, inputs: Any, *, detectron2_inputs: bool = False) -> FlopCountAnalysis:
+def flop_analysis(
+    model: nn.Module, inputs: Any, *, detectron2_inputs: bool = False
+) -> FlopCountAnalysis:
     """fvcore ``FlopCountAnalysis`` with :data:`EXTRA_HANDLES` (warnings silenced; the ops
     without a handle are in ``unsupported_ops()``).
 

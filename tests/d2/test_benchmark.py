@@ -4,6 +4,7 @@ No timings are checked: the tool runs end to end on the demo config with tiny si
 JSON with the required keys; the FLOPs of the R50-100q decoder's matrix products equal a count
 by hand from the architecture; helpers (spread, stress workers) behave.
 """
+
 import importlib.util
 import json
 from pathlib import Path
@@ -19,7 +20,11 @@ from stageinteractor.d2.flops import flop_analysis, matrix_product_flops
 REPO = Path(__file__).resolve().parents[2]
 DEMO = str(REPO / "configs/demo/stageinteractor_demo.py")
 # tiny demo model: 10 queries, 3 stages (stage 2 reuses filters), 64x96 images
-TINY = ["model.decoder.num_queries=10", "model.decoder.num_stages=3", "model.max_detections_per_image=10"]
+TINY = [
+    "model.decoder.num_queries=10",
+    "model.decoder.num_stages=3",
+    "model.max_detections_per_image=10",
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +44,45 @@ def _one_thread():
 
 
 MODEL_KEYS = {
-    "params", "flops", "inference_images_per_s", "train_step_s", "train_peak_memory_bytes",
-    "decoder_aten_calls", "decoder_aten_calls_train", "decoder_aten_calls_by_op", "load_info",
+    "params",
+    "flops",
+    "inference_images_per_s",
+    "train_step_s",
+    "train_peak_memory_bytes",
+    "decoder_aten_calls",
+    "decoder_aten_calls_train",
+    "decoder_aten_calls_by_op",
+    "load_info",
 }
 
 
 def test_end_to_end_compare_json(bench, tmp_path):
     out = tmp_path / "bench.json"
     bench.main(
-        ["--config-file", DEMO, "--image-size", "64", "96", "--iters", "1", "--warmup", "0", "--train",
-         "--count-ops", "--memory-repeats", "1", "--threads", "1", "--json", str(out),
-         "--compare-opts", *TINY, "model.criterion.assigner.enabled=False", "--", *TINY]
+        [
+            "--config-file",
+            DEMO,
+            "--image-size",
+            "64",
+            "96",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--train",
+            "--count-ops",
+            "--memory-repeats",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+            "--compare-opts",
+            *TINY,
+            "model.criterion.assigner.enabled=False",
+            "--",
+            *TINY,
+        ]
     )
     data = json.loads(out.read_text())
     assert {"a", "b", "ratios", "load", "settings"} <= set(data)
@@ -63,7 +96,11 @@ def test_end_to_end_compare_json(bench, tmp_path):
         assert r["train_peak_memory_bytes"] >= 0 and r["train_peak_memory_spread"]["n"] == 1
         by_stage = r["decoder_aten_calls_by_stage"]
         assert {"stage0", "stage1", "stage2", "postprocess"} <= set(by_stage)
-        assert sum(by_stage.values()) == r["decoder_aten_calls"] == sum(r["decoder_aten_calls_by_op"].values())
+        assert (
+            sum(by_stage.values())
+            == r["decoder_aten_calls"]
+            == sum(r["decoder_aten_calls_by_op"].values())
+        )
         assert "criterion" in r["decoder_aten_calls_train_by_stage"]
         assert "other_processes_cpu_share" in r["load_info"]["load"]
     assert data["a"]["csla_enabled"] is True and data["b"]["csla_enabled"] is False
@@ -75,8 +112,28 @@ def test_end_to_end_compare_json(bench, tmp_path):
 
 def test_decoder_only_and_stress(bench, tmp_path):
     out = tmp_path / "dec.json"
-    bench.main(["--config-file", DEMO, "--image-size", "64", "96", "--iters", "1", "--warmup", "0",
-                "--decoder-only", "--stress", "1", "--no-flops", "--threads", "1", "--json", str(out), *TINY])
+    bench.main(
+        [
+            "--config-file",
+            DEMO,
+            "--image-size",
+            "64",
+            "96",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--decoder-only",
+            "--stress",
+            "1",
+            "--no-flops",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+            *TINY,
+        ]
+    )
     data = json.loads(out.read_text())
     assert data["b"] is None and data["a"]["decoder_only_s"] > 0
     assert data["a"]["inference_images_per_s"] is None  # whole model not timed with --decoder-only
@@ -93,7 +150,15 @@ def test_stressor_stops_its_workers(bench):
 
 def test_spread(bench):
     s = bench.spread([4.0, 1.0, 3.0, 2.0, 5.0])
-    assert (s["median"], s["q1"], s["q3"], s["iqr"], s["min"], s["max"], s["n"]) == (3.0, 2.0, 4.0, 2.0, 1.0, 5.0, 5)
+    assert (s["median"], s["q1"], s["q3"], s["iqr"], s["min"], s["max"], s["n"]) == (
+        3.0,
+        2.0,
+        4.0,
+        2.0,
+        1.0,
+        5.0,
+        5,
+    )
 
 
 def _r50_100q_decoder_matrix_product_flops_by_hand() -> int:
@@ -114,7 +179,16 @@ def _r50_100q_decoder_matrix_product_flops_by_hand() -> int:
         total += N * D * 3 * D + 2 * N * N * D + N * D * D
         # the fused generator GEMM: rows per group = offsets 3K, M C*C, S P*cur, b_M C, b_S P_out,
         # beta n*C, gates 2*n*C, and u (P_out - cur), v P when spatial reuse
-        rows = 3 * kb + C * C + p * cur + C + P_OUT + n * C + 2 * n * C + ((P_OUT - cur) + p if ns else 0)
+        rows = (
+            3 * kb
+            + C * C
+            + p * cur
+            + C
+            + P_OUT
+            + n * C
+            + 2 * n * C
+            + ((P_OUT - cur) + p if ns else 0)
+        )
         total += N * D * G * rows
         total += N * D * 3 * sub  # shared sub-point offsets gen_double_d (D -> 3S)
         mb = N * G  # independent mixing problems
@@ -134,13 +208,17 @@ def test_r50_decoder_flops_match_hand_count():
     torch.manual_seed(0)
     decoder = instantiate(cfg.model.decoder).eval()
 
-    class AllStages(nn.Module):  # every stage's outputs kept (no dead-code elimination in the trace)
+    class AllStages(
+        nn.Module
+    ):  # every stage's outputs kept (no dead-code elimination in the trace)
         def __init__(self):
             super().__init__()
             self.decoder = decoder
 
         def forward(self, f0, f1, f2, f3, sizes):
-            return tuple(o[k] for o in self.decoder([f0, f1, f2, f3], sizes) for k in ("logits", "boxes"))
+            return tuple(
+                o[k] for o in self.decoder([f0, f1, f2, f3], sizes) for k in ("logits", "boxes")
+            )
 
     feats = [torch.randn(1, 256, 64 // s, 96 // s) for s in (4, 8, 16, 32)]
     with torch.no_grad():
