@@ -87,8 +87,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 # data
 # ----------------------------------------------------------------------------------------------
 def val_subset(n: int, out_dir: str) -> str:
-    """Register the first ``n`` val images as ``stageinteractor_demo_val_first{n}``; returns it."""
-    from stageinteractor.d2.data import DEMO_VAL, ensure_demo_dataset, register_coco_json
+    """Register the first ``n`` val images as ``stageinteractor_demo_val_first{n}``; returns it.
+
+    The subset json is written to ``out_dir``; a name registered earlier in this process (for
+    another output folder) is replaced.
+    """
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from stageinteractor.d2.data import (
+        DEMO_CLASSES,
+        DEMO_VAL,
+        ensure_demo_dataset,
+        register_coco_json,
+    )
 
     base = ensure_demo_dataset()
     with open(os.path.join(base, "annotations", "instances_val.json")) as f:
@@ -102,15 +113,9 @@ def val_subset(n: int, out_dir: str) -> str:
     with open(path, "w") as f:
         json.dump(coco, f, sort_keys=True)
     name = f"{DEMO_VAL}_first{n}"
-    from detectron2.data import DatasetCatalog
-
-    if name in DatasetCatalog.list():  # re-run in the same process: same name, maybe new dir
+    if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
-        from detectron2.data import MetadataCatalog
-
         MetadataCatalog.remove(name)
-    from stageinteractor.d2.data import DEMO_CLASSES
-
     return register_coco_json(name, path, os.path.join(base, "val"),
                               metadata={"thing_classes": list(DEMO_CLASSES)})
 
