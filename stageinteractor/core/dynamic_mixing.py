@@ -165,7 +165,7 @@ class CascadeDynamicMixing(nn.Module):
                 with the sigmoid already applied to the gate blocks "gates", "u", "v" (the stage
                 generates them as one contiguous block and applies one sigmoid).
             sampled: (B*N*G, P_in, C) sampled features I0.
-            bank: filters of earlier stages (``bank.channel`` (Mb, C_in, n, C_out) must hold
+            bank: filters of earlier stages (``bank.filters``: n (Mb, C_in, C_out) must hold
                 ``num_reused_channel`` filters and ``bank.spatial`` at least ``reused_rows`` rows
                 when reuse is active).
         Returns:
@@ -188,13 +188,9 @@ class CascadeDynamicMixing(nn.Module):
         if n > 0:
             filters = self._step_filters(gen, m_cur, bank)  # n filters (Mb, C, C) or None
             betas = gen["beta"].view(Mb, n, 1, C).unbind(1) if self.dynamic_bias else None
-            residual = sampled if self.static is None else self.static[0].residual_view(sampled)
+            z = sampled  # the residual stream (Mb, P, C) of the static layers
             for m in range(n):
-                if self.static is not None:
-                    residual = self.static[m](x, residual)
-                    z = residual.view(Mb, P, C)
-                else:
-                    z = x
+                z = x if self.static is None else self.static[m](x, z)
                 if filters is None:  # filter_usage == "none": no dynamic filter in this step
                     y = z if betas is None else z + betas[m]
                 else:
@@ -228,12 +224,16 @@ class CascadeDynamicMixing(nn.Module):
         if usage == "current":
             return [m_cur] * n
         if usage == "previous":
-            return bank.channel.unbind(2)
+            return bank.filters
         Mb, C = m_cur.shape[0], self.channels
-        col, row = gen["gates"].view(Mb, C, 2, n, 1).unbind(2)  # sigmoid already applied; (Mb, C, n, 1)
+        # sigmoid already applied; per group (c, slot, m): 2n gates (Mb, C, 1), slot 0 = column /
+        # output gates c_m, slot 1 = row / input gates a_m
+        gates = gen["gates"].view(Mb, C, 2 * n, 1).unbind(2)
         # Eq. 3 as two interpolations towards M_cur (rows with a, then columns with c); this is
-        # exactly (a c^T)*M_j + (1 - a c^T)*M_cur. Bank layout (Mb, C_in, n, C_out): the result has
-        # the same layout, so each step's filter has unit column stride (fast batched GEMM).
-        cur = m_cur.unsqueeze(2)
-        m_rows = torch.lerp(cur, bank.channel, row)  # row gate a broadcast over output channels
-        return torch.lerp(cur, m_rows, col.permute(0, 3, 2, 1)).unbind(2)  # c as (Mb, 1, n, C_out)
+        # exactly (a c^T)*M_j + (1 - a c^T)*M_cur. Applied per reused filter of the bank (its own
+        # tensor: no stacked copy of the bank is made or kept for backward); each result is a
+        # contiguous (Mb, C_in, C_out) matrix (fast batched GEMM).
+        return [
+            torch.lerp(m_cur, torch.lerp(m_cur, m_j, gates[n + m]), gates[m].view(Mb, 1, C))
+            for m, m_j in enumerate(bank.filters)
+        ]

@@ -1,11 +1,18 @@
 """The cross-stage bank of dynamic filters (spec §2.5(d) step 8, §7.6).
 
 What is stored: the raw generated channel filters M of the stages since the bank (re)started,
-oldest first, stacked into **one** tensor ``(B*N*G, C_in, n, C_out)`` (filter index between the
-input and output channels) so that all reused filters of a stage are adapted in one batched
-expression, and every filter ``channel[:, :, m]`` is a matrix with unit column stride (a valid
-BLAS operand: the cascade's ``baddbmm`` takes the batched-GEMM path without copying it); and the previous stage's full spatial filter
-``(B*N*G, P_out, P_in)`` (its first rows are what the next stage reuses).
+oldest first, as a **tuple** of the stages' own ``(B*N*G, C_in, C_out)`` tensors (no copy: each is
+the view of its stage's generator output that the stage itself multiplied with, so every filter
+has unit column stride, a valid BLAS operand for the cascade's ``baddbmm``); and the previous
+stage's full spatial filter ``(B*N*G, P_out, P_in)`` (its first rows are what the next stage
+reuses).
+
+Why a tuple and not one stacked tensor: the cascade applies the reused filters one after the
+other, so nothing needs them stacked. Stacking would copy the bank at every stage (1 + 2 + ... +
+n filters of ``B*N*G*C*C`` floats) and, in training, autograd would keep each stage's copy for
+the backward pass of the adapter (about 60 MiB at R50-100q, batch 1); the tuple adds no aten
+call and no memory. :attr:`FilterBank.channel` still gives the stacked
+``(B*N*G, C_in, n, C_out)`` view of the bank for inspection (it copies; not used by the model).
 
 Bookkeeping (released code, ``reuse_start = 2``): stages ``< reuse_start - 1`` store nothing
 (their filters are never reused; the released code stores stage 0's filters and then discards
@@ -13,7 +20,7 @@ them at stage 1); stage ``reuse_start - 1`` starts the bank; later stages append
 the newest ``max_channel`` channel filters (Tab. 10's max Δγ). Bank tensors are **not**
 detached: later-stage losses reach earlier stages' filter generators.
 """
-from typing import NamedTuple, Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -21,16 +28,44 @@ from torch import Tensor
 __all__ = ["FilterBank", "update_bank"]
 
 
-class FilterBank(NamedTuple):
-    """channel: (B*N*G, C_in, n, C_out) or None, oldest first (axis 2); spatial: the previous
-    stage's full spatial filter (B*N*G, P_out, P_in) or None."""
+class FilterBank:
+    """Immutable record of the reusable filters.
 
-    channel: Optional[Tensor] = None
-    spatial: Optional[Tensor] = None
+    Args (keyword-only):
+        filters: tuple of n channel filters, each (B*N*G, C_in, C_out), oldest first.
+        channel: alternatively the n filters stacked as (B*N*G, C_in, n, C_out) (unbound into
+            ``filters`` as views; give at most one of ``filters`` / ``channel``).
+        spatial: the previous stage's full spatial filter (B*N*G, P_out, P_in) or None.
+    """
+
+    __slots__ = ("filters", "spatial")
+
+    def __init__(
+        self,
+        *,
+        filters: Tuple[Tensor, ...] = (),
+        channel: Optional[Tensor] = None,
+        spatial: Optional[Tensor] = None,
+    ):
+        if channel is not None:
+            if filters:
+                raise ValueError("FilterBank: give either filters or channel, not both")
+            if channel.dim() != 4:
+                raise ValueError(
+                    f"FilterBank: channel must be (B*N*G, C_in, n, C_out), got shape {tuple(channel.shape)}"
+                )
+            filters = channel.unbind(2)
+        self.filters: Tuple[Tensor, ...] = tuple(filters)
+        self.spatial = spatial
 
     @property
     def num_channel(self) -> int:
-        return 0 if self.channel is None else self.channel.shape[2]
+        return len(self.filters)
+
+    @property
+    def channel(self) -> Optional[Tensor]:
+        """The filters stacked as (B*N*G, C_in, n, C_out) (a copy, for inspection), or None."""
+        return torch.stack(self.filters, dim=2) if self.filters else None
 
 
 def update_bank(
@@ -45,17 +80,13 @@ def update_bank(
 ) -> FilterBank:
     """Return the bank after ``stage`` (0-based) generated ``channel_filter`` (B*N*G, C, C) and
     used ``spatial_filter`` (B*N*G, P_out, P_in). Pure bookkeeping on Python ints (no data-dependent
-    control flow)."""
+    control flow, no aten call)."""
     if stage < reuse_start - 1:
         return FilterBank()
-    channel = None
+    filters: Tuple[Tensor, ...] = ()
     if max_channel > 0:
-        new = channel_filter.unsqueeze(2)
-        if stage == reuse_start - 1 or max_channel == 1 or bank.channel is None:
-            channel = new
+        if stage == reuse_start - 1 or max_channel == 1:
+            filters = (channel_filter,)
         else:
-            old = bank.channel
-            if old.shape[2] > max_channel - 1:
-                old = old[:, :, old.shape[2] - (max_channel - 1):]
-            channel = torch.cat([old, new], dim=2)
-    return FilterBank(channel=channel, spatial=spatial_filter if keep_spatial else None)
+            filters = (bank.filters + (channel_filter,))[-max_channel:]
+    return FilterBank(filters=filters, spatial=spatial_filter if keep_spatial else None)

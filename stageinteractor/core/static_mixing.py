@@ -46,23 +46,19 @@ class StaticMixing(nn.Module):
         for p in self.parameters():
             nn.init.zeros_(p)
 
-    def residual_view(self, sampled: Tensor) -> Tensor:
-        """The residual stream's layout for :meth:`forward`: (M, K, S, C) for
-        "channel_spatial", else (M, P, C) (a view of ``sampled`` (M, P, C))."""
-        if self.kind == "channel_spatial":
-            return sampled.view(sampled.shape[0], self.num_blocks, self.num_sub, self.channels)
-        return sampled
-
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        """x: (M, P, C); residual: :meth:`residual_view` layout. Returns ``residual + static(x)``
-        in the residual's layout (contiguous)."""
+        """x, residual: (M, P, C). Returns ``residual + static(x)`` (M, P, C), contiguous.
+
+        "channel_spatial": ``intra`` is one GEMM on x viewed (M*K, S*C); ``inter`` one GEMM on
+        the K/S-swapped copy of x viewed (M*S, K*C), added back through a transposed view (the
+        sum of the two is contiguous in the k-major layout, so the final view is free)."""
         M = x.shape[0]
         K, S, C = self.num_blocks, self.num_sub, self.channels
         if self.kind == "channel_spatial":
             intra = F.linear(x.view(M * K, S * C), self.intra.weight, self.intra.bias).view(M, K, S, C)
             xt = x.view(M, K, S, C).transpose(1, 2).contiguous().view(M * S, K * C)
             inter = F.linear(xt, self.inter.weight, self.inter.bias).view(M, S, K, C).transpose(1, 2)
-            return residual + intra + inter
+            return residual + (intra + inter).view(M, self.num_points, C)
         if self.kind == "channel":
             return residual + F.linear(x, self.channel.weight, self.channel.bias)
         return residual + torch.matmul(self.spatial.weight, x) + self.spatial.bias.unsqueeze(-1)
