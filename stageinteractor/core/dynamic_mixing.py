@@ -73,6 +73,40 @@ def fuse_group_rows(parts: Sequence[Tensor], num_groups: int) -> Tensor:
     return torch.cat([p.reshape(G, -1, *p.shape[1:]) for p in parts], dim=1).reshape(-1, *parts[0].shape[1:])
 
 
+class _AdaptedFilter(torch.autograd.Function):
+    """Eq. 3 for one reused filter, ``lerp(M_cur, lerp(M_cur, M_j, a), c)`` (the same forward
+    expression as the inference path), with a backward that saves only its inputs.
+
+    Plain autograd would keep the row-interpolated intermediate, one (Mb, C, C) tensor per reuse
+    step, for the weight gradient of the second lerp; here the backward recomputes what it needs
+    from ``M_cur``, ``M_j`` (both kept alive anyway: each is a filter its own stage multiplied
+    with) and the gates. With ``w = a c^T`` and ``d = M_j - M_cur`` (``Mg = M_cur + w * d``):
+    ``dM_cur = g * (1 - w)``, ``dM_j = g * w``, ``da = (g * d) c``, ``dc = a^T (g * d)``.
+
+    Shapes: ``m_cur``, ``m_j`` (Mb, C_in, C_out); ``a`` (Mb, C_in, 1); ``c`` (Mb, 1, C_out).
+    """
+
+    @staticmethod
+    def forward(ctx, m_cur: Tensor, m_j: Tensor, a: Tensor, c: Tensor) -> Tensor:
+        ctx.save_for_backward(m_cur, m_j, a, c)
+        return torch.lerp(m_cur, torch.lerp(m_cur, m_j, a), c)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        m_cur, m_j, a, c = ctx.saved_tensors
+        need_cur, need_j, need_a, need_c = ctx.needs_input_grad
+        g_cur = g_j = g_a = g_c = None
+        if need_cur or need_j:
+            g_j = grad * (a * c)
+            g_cur = grad - g_j if need_cur else None
+            g_j = g_j if need_j else None
+        if need_a or need_c:
+            gd = grad * (m_j - m_cur)
+            g_a = torch.bmm(gd, c.transpose(1, 2)) if need_a else None
+            g_c = torch.bmm(a.transpose(1, 2), gd) if need_c else None
+        return g_cur, g_j, g_a, g_c
+
+
 class CascadeDynamicMixing(nn.Module):
     """See module docstring. ``forward(q, gen, sampled, bank) -> (q, M_cur, S_full, S_cur)``."""
 
@@ -233,7 +267,12 @@ class CascadeDynamicMixing(nn.Module):
         # exactly (a c^T)*M_j + (1 - a c^T)*M_cur. Applied per reused filter of the bank (its own
         # tensor: no stacked copy of the bank is made or kept for backward); each result is a
         # contiguous (Mb, C_in, C_out) matrix (fast batched GEMM).
+        # In training, _AdaptedFilter computes the same expression without keeping the
+        # intermediate for backward (one (Mb, C, C) tensor less per reuse step).
+        train = torch.is_grad_enabled() and not torch.jit.is_tracing()
         return [
-            torch.lerp(m_cur, torch.lerp(m_cur, m_j, gates[n + m]), gates[m].view(Mb, 1, C))
+            _AdaptedFilter.apply(m_cur, m_j, gates[n + m], gates[m].view(Mb, 1, C))
+            if train
+            else torch.lerp(m_cur, torch.lerp(m_cur, m_j, gates[n + m]), gates[m].view(Mb, 1, C))
             for m, m_j in enumerate(bank.filters)
         ]
