@@ -197,7 +197,11 @@ def verify(cfg, model, path, files, canvas, input_dtype):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # scoped: main() is also called in-process (tests, notebooks)
+        return _run(args)
+
+
+def _run(args) -> int:
     cfg, model = load_model(args.config_file, args.opts)
     canvas = tuple(args.image_size) if args.image_size else default_canvas(cfg, model)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

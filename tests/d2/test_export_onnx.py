@@ -211,3 +211,11 @@ def test_deformable_conv_reports_clear_error(tiny_model, tmp_path):
     setattr(parent, name, _DeformStem(getattr(parent, name)))
     with pytest.raises(RuntimeError, match="deformable"):
         export_onnx(model, str(tmp_path / "dcn.onnx"), image_size=(64, 64))
+
+
+def test_tool_main_leaves_grad_mode_unchanged(tmp_path):
+    """``main()`` also runs in-process (tests, notebooks): autograd must stay as it was."""
+    assert torch.is_grad_enabled()
+    rc = _load_tool().main(["--config-file", CONFIG, "--output", str(tmp_path / "m.onnx"), *TINY])
+    assert rc == 0
+    assert torch.is_grad_enabled()
