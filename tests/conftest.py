@@ -208,3 +208,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         path.write_text("\n".join(lines) + "\n")
     except OSError:
         pass
+
+
+@pytest.fixture(autouse=True)
+def _global_torch_state_is_restored():
+    """A test (or a tool's ``main()`` called in-process) that leaves autograd switched off makes
+    unrelated later tests fail far from the cause; fail the culprit instead."""
+    torch = importlib.import_module("torch")
+    grad_enabled = torch.is_grad_enabled()
+    yield
+    if torch.is_grad_enabled() != grad_enabled:
+        torch.set_grad_enabled(grad_enabled)
+        pytest.fail("this test changed torch's global grad mode and did not restore it")
