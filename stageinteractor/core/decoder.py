@@ -191,13 +191,15 @@ class StageInteractorDecoder(nn.Module):
                 )
         if image_sizes.shape != (B, 2):
             raise ValueError(f"image_sizes must have shape (B={B}, 2) as (h, w), got {tuple(image_sizes.shape)}")
-        # one float64 sum per tensor (no overflow for float32/bf16 inputs): NaN/Inf propagate
-        sums = torch.stack([f.sum(dtype=torch.float64) for f in features] + [image_sizes.sum(dtype=torch.float64)])
+        # one sum per tensor in its own dtype (a single pass, no float64 copy): NaN/Inf propagate.
+        # A non-finite sum is confirmed elementwise before raising, so that a sum that merely
+        # overflows (finite values near the dtype's max) is not reported as NaN/Inf.
+        sums = torch.stack([f.sum().float() for f in features] + [image_sizes.sum().float()])
         finite = torch.isfinite(sums).tolist()
         for lvl, ok in enumerate(finite[:-1]):
-            if not ok:
+            if not ok and not bool(torch.isfinite(features[lvl]).all()):
                 raise ValueError(f"features[{lvl}] contains NaN or Inf")
-        if not finite[-1]:
+        if not finite[-1] and not bool(torch.isfinite(image_sizes).all()):
             raise ValueError("image_sizes contains NaN or Inf")
 
     # ------------------------------------------------------------------ forward
