@@ -2,7 +2,6 @@
 component parity with the official-code fixture (skipped when the fixture is absent)."""
 
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -201,10 +200,10 @@ def test_normalisers_averaged_across_processes(monkeypatch):
 
 
 def _fixture_path():
-    root = Path(
-        os.environ.get("STAGEINTERACTOR_SHARED", Path(__file__).resolve().parents[3] / "shared")
-    )
-    return root / "fixtures" / "official_decoder_parity" / "expected.pt"
+    from stageinteractor.core.testing.official_fixture import find_parity_fixture
+
+    found = find_parity_fixture()
+    return (found / "expected.pt") if found is not None else Path("/nonexistent/expected.pt")
 
 
 @pytest.mark.skipif(not _fixture_path().exists(), reason="official parity fixture not available")

@@ -17,8 +17,6 @@ Runtime: one eval forward and one train forward of the full-size fixture decoder
 """
 import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -38,15 +36,9 @@ from stageinteractor.core.official_layout import (
     decoder_ours_to_official,
     official_decoder_layout,
 )
-from stageinteractor.core.testing.official_fixture import load_fixture
+from stageinteractor.core.testing.official_fixture import find_parity_fixture, load_fixture
 
-ROOT = Path(__file__).resolve().parents[2]
-_CANDIDATES = [
-    os.environ.get("STAGEINTERACTOR_PARITY_FIXTURE", ""),
-    str(ROOT / "shared" / "fixtures" / "official_decoder_parity"),
-    "/work/shared/fixtures/official_decoder_parity",
-]
-FIXTURE_DIR = next((p for p in _CANDIDATES if p and (Path(p) / "expected.pt").is_file()), None)
+FIXTURE_DIR = find_parity_fixture()
 pytestmark = pytest.mark.skipif(FIXTURE_DIR is None, reason="official parity fixture not found")
 
 # Per-stage tolerances (max abs error). 1e-4 (the issue) where the §8 float32 floor allows,

@@ -24,6 +24,7 @@ Pure numpy/torch: no detectron2 import.
 """
 from __future__ import annotations
 
+import os
 import json
 import math
 import zlib
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "find_parity_fixture",
     "FixtureRules",
     "OfficialFixture",
     "formula_base",
@@ -236,6 +238,22 @@ def _pad_gts(expected: Mapping[str, object], batch: int):
         gt_classes[b, :n] = labels[b].long()
         gt_mask[b, :n] = True
     return gt_boxes, gt_classes, gt_mask
+
+
+def find_parity_fixture(repo_root: "str | Path | None" = None) -> Optional[Path]:
+    """The folder of the official decoder parity fixture (holding ``expected.pt``), or None.
+
+    Looked up in order: ``$STAGEINTERACTOR_PARITY_FIXTURE``, ``<repo>/../shared/fixtures/
+    official_decoder_parity`` (the project's ``shared/`` next to the checkout) and
+    ``<repo>/shared/fixtures/official_decoder_parity``."""
+    root = Path(repo_root) if repo_root is not None else Path(__file__).resolve().parents[3]
+    sub = Path("fixtures") / "official_decoder_parity"
+    candidates = [os.environ.get("STAGEINTERACTOR_PARITY_FIXTURE", ""),
+                  str(root.parent / "shared" / sub), str(root / "shared" / sub)]
+    for c in candidates:
+        if c and (Path(c) / "expected.pt").is_file():
+            return Path(c)
+    return None
 
 
 def load_fixture(directory: "str | Path") -> OfficialFixture:
