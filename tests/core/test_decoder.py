@@ -6,29 +6,13 @@ import torch
 
 import stageinteractor.core.decoder as decoder_mod
 from stageinteractor.core.attention import iof_log_bias
-from stageinteractor.core.decoder import StageInteractorDecoder
 from stageinteractor.core.dynamic_mixing import CascadeDynamicMixing
 from stageinteractor.core.filter_bank import FilterBank, update_bank
 from stageinteractor.core.position_encoding import SineBoxEmbedding
 from stageinteractor.core.postprocess import topk_detections
 from stageinteractor.core.query_generator import InitialQueryGenerator
 from stageinteractor.core.sampler import GroupedPointSampler
-
-SMALL = dict(query_dim=32, num_heads=4, num_groups=4, ffn_dim=64, num_queries=6, num_classes=5, out_points=16)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: avoid OpenMP contention on a shared machine
-    yield
-    torch.set_num_threads(n)
-
-
-def small(**kw):
-    torch.manual_seed(0)
-    return StageInteractorDecoder(**{**SMALL, **kw})
-
+from decoder_helpers import SMALL, small  # noqa: E402  (tests/core helper)
 
 def feats(B=2, dim=32, size=64, seed=0):
     g = torch.Generator().manual_seed(seed)

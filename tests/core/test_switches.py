@@ -5,22 +5,7 @@ import torch
 from stageinteractor.core.decoder import StageInteractorDecoder
 from stageinteractor.core.sampler import GroupedPointSampler, Point3DSampler
 from stageinteractor.core.switches import ADAMIXER_BASELINE, resolve_switches
-
-SMALL = dict(query_dim=32, num_heads=4, num_groups=4, ffn_dim=64, num_queries=6, num_classes=5, out_points=16)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: avoid OpenMP contention on a shared machine
-    yield
-    torch.set_num_threads(n)
-
-
-def small(**kw):
-    torch.manual_seed(0)
-    return StageInteractorDecoder(**{**SMALL, **kw})
-
+from decoder_helpers import SMALL, small  # noqa: E402  (tests/core helper)
 
 def shapes(d):
     return {k: tuple(v.shape) for k, v in d.state_dict().items()}
