@@ -3,8 +3,8 @@
 # structure and switches as the paper model (grouped sampler, filter reuse from stage 2,
 # adapters + static channel-spatial mixing, CSLA). Requirement: AP50 >= 50 on the val split
 # within 15 min (training + evaluation) on 2 idle CPU cores. Measured (tools/run_demo.py, one
-# torch thread, 2500 iterations, machine loaded to ~4-8 by other jobs): 6.0 min of training,
-# AP 71.9 / AP50 88.0 on the 100 val images.
+# torch thread, 2500 iterations, fresh clone, quiet machine): `make demo` 4 min 39 s in all
+# (4.2 min of training), AP 67.5 / AP50 86.7 on the 100 val images.
 #
 #   python tools/run_demo.py            # = make demo: train, evaluate, draw (recommended)
 #   OMP_NUM_THREADS=1 python tools/train_net.py --config-file configs/demo/stageinteractor_demo.py
