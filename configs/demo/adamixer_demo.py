@@ -2,7 +2,8 @@
 # schedule as configs/demo/stageinteractor_demo.py): 3-D sampler, 2^z refinement, no reuse,
 # no dynamic biases, CSLA off. For a side-by-side comparison with the StageInteractor demo
 # (python tools/run_demo.py --model both). Measured with the same 2500-iteration schedule on one
-# torch thread: AP 65.1 / AP50 83.4 (StageInteractor demo: 71.9 / 88.0), 5.4 min of training.
+# torch thread: AP 65.1 / AP50 83.4, 5.4 min of training on a loaded machine (StageInteractor
+# demo in the same run: 71.9 / 88.0; 67.5 / 86.7 after the final decoder refactor, see README).
 from .stageinteractor_demo import dataloader, lr_multiplier, model, optimizer, train
 
 model.decoder.sampler = "3d"
