@@ -31,6 +31,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from stageinteractor.requirements import require  # noqa: E402
+
+require("tools/convert_official_checkpoint.py", "detectron2")
+
 from stageinteractor.d2.official_checkpoint import (  # noqa: E402
     ConversionError,
     build_config_model,

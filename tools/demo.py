@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Run a StageInteractor LazyConfig on images and draw the detections.
 
-Examples::
+Examples (the first one works after `make demo`, which writes the dataset and checkpoint)::
 
     python tools/demo.py --config-file configs/demo/stageinteractor_demo.py \
-        --input datasets/demo/val/ --output out/ train.init_checkpoint=output/demo/model_final.pth
+        --input datasets/stageinteractor_demo/val --output output/demo/my_vis --sampling-points \
+        train.init_checkpoint=output/demo/stageinteractor/model_final.pth
 
     python tools/demo.py --config-file configs/stageinteractor/stageinteractor_r50_100q_1x.py \
         --input a.jpg b.jpg --output out/ --confidence-threshold 0.4 --sampling-points \
@@ -27,6 +28,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from stageinteractor.requirements import require  # noqa: E402
+
+require("tools/demo.py", "detectron2", "cv2")  # detectron2's Visualizer imports cv2
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402

@@ -43,6 +43,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from stageinteractor.requirements import require  # noqa: E402
+
+require("tools/export_onnx.py", "detectron2", "onnx", "onnxruntime")
+
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402

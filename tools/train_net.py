@@ -30,6 +30,10 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
+from stageinteractor.requirements import require  # noqa: E402
+
+require("tools/train_net.py", "detectron2")
+
 
 def _add_detrex_root() -> None:
     """Put detrex's repository root on sys.path so ``projects.<name>.modeling`` imports."""
