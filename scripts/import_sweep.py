@@ -145,7 +145,9 @@ def layer_availability():
         out[layer] = True
         for n in names:
             try:
-                importlib.import_module(n)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    importlib.import_module(n)
             except BaseException:  # noqa: BLE001 - a broken install may raise anything
                 out[layer] = False
                 break
