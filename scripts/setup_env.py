@@ -459,6 +459,25 @@ def build_wheel(name, src, key, state):
     return final
 
 
+def obtain_wheel(name, src, state):
+    """(wheel, built): the cached wheel of ``src`` for this torch / Python / device, built into
+    the cache first when there is none (built=True). A source that is not a git checkout has no
+    commit to key on: it is built every time, into a folder of its own."""
+    commit = source_commit(src)
+    if commit is None:
+        say("%s: %s is not a git checkout, so its wheel is not cached" % (name, src))
+        key = "%s-uncached-%d-%d" % (name, os.getpid(), int(time.time()))
+    else:
+        key = wheel_cache_key(name, commit, state["mods"]["torch"].get("version", "?"),
+                              state.get("py", "%d.%d" % sys.version_info[:2]),
+                              state.get("torch_cuda") if state.get("cuda") else None)
+        wheel = cached_wheel(key)
+        if wheel is not None:
+            say("%s: using the cached wheel %s" % (name, wheel))
+            return wheel, False
+    return build_wheel(name, src, key, state), True
+
+
 def import_failure_message(name, state):
     """For a package that is installed but does not import: which module is missing."""
     mod = state["mods"].get(name, {})
@@ -484,26 +503,10 @@ def install_dep(name, state, failures):
     if src is None:
         failures[name] = why
         return None
-    commit = source_commit(src)
-    wheel = None
-    if commit is None:
-        say("%s: %s is not a git checkout, so its wheel is not cached" % (name, src))
-        key = None
-    else:
-        key = wheel_cache_key(name, commit, state["mods"]["torch"].get("version", "?"),
-                              state.get("py", "%d.%d" % sys.version_info[:2]),
-                              state.get("torch_cuda") if state.get("cuda") else None)
-        wheel = cached_wheel(key)
-        if wheel is not None:
-            say("%s: using the cached wheel %s" % (name, wheel))
+    wheel, _ = obtain_wheel(name, src, state)
     if wheel is None:
-        if key is None:
-            key = "%s-uncached-%d" % (name, os.getpid())
-        wheel = build_wheel(name, src, key, state)
-        if wheel is None:
-            failures[name] = "building the %s wheel from %s failed (see the log above)" % (
-                name, src)
-            return None
+        failures[name] = "building the %s wheel from %s failed (see the log above)" % (name, src)
+        return None
     # detectron2's own install_requires come from PyPI; detrex's runtime packages are the
     # `detrex` extra (its requirements.txt also lists linters and opencv-python)
     args = ["--no-build-isolation"] + (["--no-deps"] if name == "detrex" else [])
