@@ -642,11 +642,24 @@ def measure_memory_cuda(
 
 # ------------------------------------------------------------------------------------ main
 def parse_args(argv=None):
+    class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """keeps the description's line breaks and shows every option's default"""
+
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n")[0],
+        formatter_class=_Formatter,
+        epilog="examples:\n"
+        "  python tools/benchmark.py --config-file configs/stageinteractor/"
+        "stageinteractor_r50_100q_1x.py \\\n"
+        "      --compare-config configs/adamixer/adamixer_r50_100q_1x.py --train --threads 2\n"
+        "  python tools/benchmark.py --config-file configs/stageinteractor/"
+        "stageinteractor_r50_100q_1x.py \\\n"
+        "      --decoder-only --count-ops --iters 20 --json decoder.json\n"
+        "See the module docstring (top of tools/benchmark.py) for what each figure measures.",
     )
-    p.add_argument("--config-file", required=True)
-    p.add_argument("--compare-config", default=None)
+    p.add_argument("--config-file", required=True, help="LazyConfig of model A")
+    p.add_argument("--compare-config", default=None,
+                   help="LazyConfig of model B, measured interleaved with A (none: A only)")
     p.add_argument(
         "--compare-opts",
         nargs="*",
@@ -654,20 +667,24 @@ def parse_args(argv=None):
         metavar="KEY=VALUE",
         help="overrides for B only (B = A's config when --compare-config is absent)",
     )
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--image-size", nargs=2, type=int, default=(800, 1216), metavar=("H", "W"))
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run")
+    p.add_argument("--image-size", nargs=2, type=int, default=(800, 1216), metavar=("H", "W"),
+                   help="synthetic input image size")
+    p.add_argument("--batch-size", type=int, default=1, help="images per call")
+    p.add_argument("--iters", type=int, default=10, help="timed calls per model")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per model first")
     p.add_argument("--train", action="store_true", help="also time training steps and peak memory")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the decoder (whole model for others)"
     )
-    p.add_argument("--json", default=None, metavar="PATH")
-    p.add_argument("--count-ops", action="store_true")
-    p.add_argument("--stress", type=int, default=0, metavar="N")
-    p.add_argument("--decoder-only", action="store_true")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    p.add_argument("--count-ops", action="store_true",
+                   help="count aten calls of one decoder inference and one training forward")
+    p.add_argument("--stress", type=int, default=0, metavar="N",
+                   help="also measure with N CPU-bound worker processes running (0 = no)")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="time only the decoder (+ top-k) on precomputed neck outputs")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument(
         "--memory-repeats",

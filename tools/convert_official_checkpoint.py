@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Convert the authors' StageInteractor checkpoints (mmdet 2.12 fork) to this project's layout.
+r"""Convert the authors' StageInteractor checkpoints (mmdet 2.12 fork) to this project's layout.
 
 Usage::
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Export a StageInteractor LazyConfig (whole detector) to ONNX; optionally check onnxruntime
+r"""Export a StageInteractor LazyConfig (whole detector) to ONNX; optionally check onnxruntime
 against PyTorch on real images.
 
 Examples::

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train / evaluate a LazyConfig model on detectron2's engine (StageInteractor and detrex).
+r"""Train / evaluate a LazyConfig model on detectron2's engine (StageInteractor and detrex).
 
     python tools/train_net.py --config-file configs/demo/stageinteractor_demo.py \
         [--num-gpus N] [--resume] [--eval-only] [key=value ...] [+new.key=value ...]
