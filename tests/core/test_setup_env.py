@@ -221,3 +221,15 @@ def test_setup_run_with_everything_installed_changes_nothing():
     assert "$ pip install" not in r.stdout and "building the" not in r.stdout, r.stdout
     assert "import sweep:" in r.stdout and "0 error(s)" in r.stdout
     assert "set-up done" in r.stdout
+
+
+def test_parity_fixture_is_found_in_the_repository(monkeypatch):
+    """A plain clone (no shared/ beside it) finds the official parity fixture in tests/fixtures."""
+    from stageinteractor.core.testing.official_fixture import find_parity_fixture, load_fixture
+
+    monkeypatch.delenv("STAGEINTERACTOR_PARITY_FIXTURE", raising=False)
+    found = find_parity_fixture()
+    assert found == REPO / "tests" / "fixtures" / "official_decoder_parity"
+    assert (found / "README.md").is_file()
+    fx = load_fixture(found)
+    assert fx is not None
