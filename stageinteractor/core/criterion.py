@@ -35,21 +35,21 @@ class LazyStats(Mapping):
     Building the diagnostics costs no host sync; the first read of any value copies the whole
     ``values`` tensor to the host once (one sync), later reads are free. Code that forwards
     the statistics without reading them (the trainer, which copies them with the losses in
-    one transfer) uses :attr:`names` and :attr:`values` directly.
+    one transfer) uses :attr:`names` and :attr:`tensor` directly.
 
     Attributes:
         names: the statistic names, in order.
-        values: (len(names),) float tensor on the device, detached.
+        tensor: (len(names),) float tensor on the device, detached.
     """
 
     def __init__(self, names: Sequence[str], values: Tensor):
         self.names = list(names)
-        self.values = values.detach()
+        self.tensor = values.detach()
         self._host: Optional[Dict[str, float]] = None
 
     def _read(self) -> Dict[str, float]:
         if self._host is None:
-            self._host = dict(zip(self.names, (float(v) for v in self.values.cpu().tolist())))
+            self._host = dict(zip(self.names, (float(v) for v in self.tensor.cpu().tolist())))
         return self._host
 
     def __getitem__(self, key: str) -> float:

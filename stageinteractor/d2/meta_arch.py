@@ -249,8 +249,8 @@ class StageInteractor(nn.Module):
         stats = getattr(self.criterion, "last_stats", None)
         if not stats or not has_event_storage():
             return
-        if isinstance(getattr(stats, "values", None), Tensor) and hasattr(stats, "names"):
-            put_device_scalars([self.stats_prefix + str(n) for n in stats.names], stats.values)
+        if isinstance(getattr(stats, "tensor", None), Tensor) and hasattr(stats, "names"):
+            put_device_scalars([self.stats_prefix + str(n) for n in stats.names], stats.tensor)
             return
         scalars = {}
         for name, value in stats.items():
