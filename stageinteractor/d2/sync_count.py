@@ -64,11 +64,11 @@ def count_training_step(
     """Host syncs of one ``Trainer.run_step`` on ``batch`` (AdamW, lr 1e-8: the weights barely
     move). Returns :meth:`HostSyncCounter.summary`."""
     device = _device(model)
+    was_training = model.training  # (detectron2's trainer switches the model to train mode)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-8, weight_decay=1e-4)
     trainer = Trainer(model, itertools.repeat(batch), optimizer, device=device.type, amp=amp,
                       clip_grad=clip_grad, seed=None)
-    was_training = model.training
     model.train()
     try:
         with EventStorage(0) as storage:
