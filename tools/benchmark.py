@@ -33,6 +33,9 @@
   decoder inference (query generator, stages, top-k; no backbone/neck) and of the forward of one
   training step (decoder + criterion as configured), per stage and per op; counted at
   min(H, 256) x min(W, 384) (the count depends on the code path, not on the image size).
+  Also the host syncs (``stageinteractor.d2.sync_count``: scalar reads, device->host and
+  blocking host->device copies, data-dependent shapes) of one whole training step and one
+  inference at ``--batch-size``, same size (JSON ``host_syncs``).
 * Load: 1-minute load average and the CPU share used by *other* processes during the run
   (``/proc/stat`` busy time minus this process's and its children's CPU time, over wall time x
   cores); a warning is printed when the machine is busy. ``--stress N`` starts N CPU-bound
@@ -42,7 +45,8 @@
 JSON (``--json``): ``{"settings", "load", "a", "b", "ratios", "stress"}``; ``a``/``b`` hold
 ``params``, ``flops``, ``inference_images_per_s``, ``train_step_s``, ``train_peak_memory_bytes``
 (medians; ``*_spread`` dicts alongside), ``decoder_only_s``, ``decoder_aten_calls``,
-``decoder_aten_calls_train``, ``decoder_aten_calls_by_op`` (+ ``_by_stage``) and ``load_info``.
+``decoder_aten_calls_train``, ``decoder_aten_calls_by_op`` (+ ``_by_stage``), ``host_syncs``
+(``{"train_step": {...}, "inference": {...}}``) and ``load_info``.
 """
 
 import argparse
@@ -409,6 +413,19 @@ def count_ops(model, h: int, w: int) -> Dict[str, Any]:
         "train_forward": tr,
         "csla_enabled": getattr(assigner, "enabled", None) if assigner is not None else None,
     }
+
+
+def count_syncs(model, batch_size: int, h: int, w: int) -> Optional[Dict[str, Any]]:
+    """Host syncs (``stageinteractor.d2.sync_count``) of one training step and one inference at
+    ``batch_size`` x h x w; None (logged) when the model cannot run them."""
+    from stageinteractor.d2.sync_count import count_host_syncs
+
+    log(f"counting host syncs (batch {batch_size}, {h}x{w})")
+    try:
+        return count_host_syncs(model, make_batch(model, batch_size, h, w))
+    except Exception as e:  # noqa: BLE001 - e.g. a detrex model that needs more queries
+        log(f"host-sync count failed: {type(e).__name__}: {e}")
+        return None
 
 
 # ------------------------------------------------------------------------------------ timing
@@ -814,6 +831,7 @@ def main(argv=None) -> Dict[str, Any]:
                     f"{n}: --count-ops needs a StageInteractor-style model (decoder.stages); "
                     "skipped"
                 )
+            res[n]["host_syncs"] = count_syncs(m, args.batch_size, min(h, 256), min(w, 384))
     if args.compile:
         for n, m in models.items():
             if is_stageinteractor(m):
@@ -947,6 +965,11 @@ def main(argv=None) -> Dict[str, Any]:
             )
             top = list(res[n]["decoder_aten_calls_by_op"].items())[:15]
             print(f"{n}: top ops (inference): " + ", ".join(f"{k}={v}" for k, v in top))
+    for n in names:
+        for what, c in (res[n].get("host_syncs") or {}).items():
+            print(f"{n}: host syncs per {what.replace('_', ' ')}: {c['total']} ("
+                  + ", ".join(f"{k} {c[k]}" for k in ("scalar", "to_cpu", "to_gpu", "data_dep"))
+                  + f"; non-blocking host->device copies {c['to_gpu_async']})")
     if stress:
         for n, parts in stress["models"].items():
             print(
