@@ -111,7 +111,7 @@ def _adapt_inference(m_cur: Tensor, m_j: Tensor, a: Tensor, c: Tensor) -> Tensor
     """``lerp(M_cur, lerp(M_cur, M_j, a), c)`` with the second lerp written over the first's
     result (same values, one (Mb, C, C) buffer instead of two; no autograd)."""
     rows = torch.lerp(m_cur, m_j, a)
-    if torch.is_grad_enabled():  # tracing with autograd on (e.g. fvcore, export): no out=
+    if torch.is_grad_enabled() or torch.jit.is_tracing():  # fvcore / ONNX traces: no out=
         return torch.lerp(m_cur, rows, c)
     return torch.lerp(m_cur, rows, c, out=rows)
 
