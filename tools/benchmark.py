@@ -4,7 +4,8 @@
     python tools/benchmark.py --config-file A [--compare-config B] [--compare-opts k=v ...]
         [--device cpu|cuda] [--image-size H W] [--batch-size N] [--iters N] [--warmup N]
         [--train] [--amp] [--compile] [--json PATH] [--count-ops] [--stress N] [--decoder-only]
-        [--threads T] [--memory-repeats R] [key=value ...]
+        [--threads T] [--memory-repeats R] [--official-python PY --official-repo DIR]
+        [--no-roofline] [--perturb-decoder S] [key=value ...]
 
 * Trailing ``key=value`` overrides apply to A, ``--compare-opts`` to B. ``--compare-opts``
   without ``--compare-config`` compares A's config with itself plus those overrides (e.g. CSLA
@@ -41,8 +42,25 @@
   cores); a warning is printed when the machine is busy. ``--stress N`` starts N CPU-bound
   worker processes (self-terminating after a time limit, stopped by this tool, also on Ctrl-C)
   and reports each model's slowdown (stressed / idle median) for the decoder and the backbone.
+* The authors' model in the same run (``--official-python PY --official-repo DIR``, default
+  ``$OFFICIAL_PY``/``$OFFICIAL_REPO``; ``../shared/tools/official_runtime/setup.sh`` builds such
+  an environment): ``tools/official_reference.py`` runs in that Python as a persistent worker
+  (separate process, same threads, same image size, batch 1, float32, eager) and each of its
+  calls is timed inside the worker, interleaved with ours: its decoder (``--decoder-only``) or
+  its whole model (backbone to boxes; otherwise), also under ``--stress`` (decoder and
+  backbone). Reported: its spread, ``ratios_vs_official`` = authors' / ours (ratio of medians,
+  median of per-iteration ratios, ratio of CPU-time medians; > 1 = ours faster) and, with
+  ``--count-ops``, its decoder's aten calls. Skipped with a one-line reason when not given.
+  Both decoders' weights are random, perturbed by ``--perturb-decoder`` (0.02 * N(0, 1), as the
+  reference does) so that queries sample different points.
+* Roofline: a 2048^3 float32 ``mm`` is timed interleaved with the models (``--no-roofline``
+  skips it); ``roofline`` gives its multiply-add rate and the decoder's / whole model's achieved
+  rate (fvcore multiply-adds / median time) as a fraction of it, also for the authors' model
+  (same function, our count).
 
-JSON (``--json``): ``{"settings", "load", "a", "b", "ratios", "stress"}``; ``a``/``b`` hold
+JSON (``--json``): ``{"settings", "load", "a", "b", "ratios", "stress", "official",
+"ratios_vs_official", "roofline"}`` (``stress.vs_official``: authors' / ours idle and stressed,
+``stress.roofline``: sgemm rate idle and stressed); ``a``/``b`` hold
 ``params``, ``flops``, ``inference_images_per_s``, ``train_step_s``, ``train_peak_memory_bytes``
 (medians; ``*_spread`` dicts alongside), ``decoder_only_s``, ``decoder_aten_calls``,
 ``decoder_aten_calls_train``, ``decoder_aten_calls_by_op`` (+ ``_by_stage``), ``host_syncs``
@@ -59,7 +77,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
@@ -94,6 +112,15 @@ def spread(values: Sequence[float]) -> Optional[Dict[str, Any]]:
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return None if a is None or b in (None, 0) else float(a) / float(b)
+
+
+def speedups(theirs: Sequence[float], ours: Sequence[float]) -> Dict[str, float]:
+    """theirs / ours of interleaved timings: ratio of medians and median of per-iteration ratios
+    (> 1: ours is faster)."""
+    return {
+        "median": statistics.median(theirs) / statistics.median(ours),
+        "paired": statistics.median([t / o for t, o in zip(theirs, ours)]),
+    }
 
 
 # ------------------------------------------------------------------------------------ load
@@ -454,7 +481,9 @@ def interleaved(
 ) -> Dict[str, List[float]]:
     """Run the callables alternately (ABBA per iteration); wall seconds per call for each.
     The process CPU seconds of each call go to ``CPU_TIMES[what]`` (less sensitive to other
-    processes than wall time, most of all with one thread)."""
+    processes than wall time, most of all with one thread). A callable that returns a dict with
+    ``wall_s`` and ``cpu_s`` (the authors' reference, timed inside its own process) is recorded
+    with those times."""
     names = list(fns)
     for i in range(warmup):
         for n in names:
@@ -467,10 +496,13 @@ def interleaved(
         for n in order:
             _sync(device)
             c0, t0 = time.process_time(), time.perf_counter()
-            fns[n]()
+            r = fns[n]()
             _sync(device)
-            times[n].append(time.perf_counter() - t0)
-            cpu[n].append(time.process_time() - c0)
+            wall, used = time.perf_counter() - t0, time.process_time() - c0
+            if isinstance(r, dict) and "wall_s" in r:  # timed by another process (the reference)
+                wall, used = float(r["wall_s"]), float(r["cpu_s"])
+            times[n].append(wall)
+            cpu.setdefault(n, []).append(used)
         log(
             f"{what}: {i + 1}/{iters} "
             + "  ".join(f"{n}={times[n][-1]:.3f}s (cpu {cpu[n][-1]:.3f}s)" for n in names)
@@ -532,6 +564,116 @@ def decoder_fns(model, batch, device: str, amp: bool):
             model.extract_features(images)
 
     return dec, backbone
+
+
+# ------------------------------------------------------------------------------------ reference
+OFFICIAL_WORKER = os.path.join(_REPO_ROOT, "tools", "official_reference.py")
+
+
+class OfficialReference:
+    """The authors' model in a separate process of their own Python (``tools/official_reference.py``,
+    a persistent worker speaking a line protocol), so that it is timed in the same run as ours,
+    call by call, with the same threads and image size. ``call(cmd)`` sends one command and
+    returns the worker's JSON reply; its stderr goes to a temporary file (tail shown on failure)."""
+
+    def __init__(self, python: str, repo: str, threads: int, size, worker: str = OFFICIAL_WORKER):
+        import tempfile
+
+        self.python, self.repo, self.worker = python, repo, worker
+        self._err = tempfile.TemporaryFile(mode="w+")
+        cmd = [python, worker, "--repo", repo, "--size", str(size[0]), str(size[1])]
+        cmd += ["--threads", str(threads)] if threads else []
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True, bufsize=1
+        )
+        self.info: Optional[Dict[str, Any]] = None
+
+    def _read(self) -> Dict[str, Any]:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self._err.seek(0)
+            tail = self._err.read()[-3000:]
+            raise RuntimeError(f"official reference worker exited ({self.proc.returncode}):\n{tail}")
+        return json.loads(line)
+
+    def ready(self) -> Dict[str, Any]:
+        """Wait for the start-up line (model built, neck outputs computed)."""
+        if self.info is None:
+            self.info = self._read()
+            if not self.info.get("ready"):
+                raise RuntimeError(f"official reference worker: unexpected start-up reply {self.info}")
+        return self.info
+
+    def call(self, cmd: str) -> Dict[str, Any]:
+        self.ready()
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        reply = self._read()
+        if "error" in reply:
+            raise RuntimeError(f"official reference worker, {cmd!r}: {reply['error']}")
+        return reply
+
+    def fn(self, cmd: str) -> Callable[[], Dict[str, Any]]:
+        return lambda: self.call(cmd)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self._err.close()
+
+
+def official_settings(args) -> Tuple[Optional[str], Optional[str], Optional[str]]:
+    """(python, repo, None) of the authors' environment, or (None, None, one-line reason)."""
+    py = args.official_python or os.environ.get("OFFICIAL_PY")
+    repo = args.official_repo or os.environ.get("OFFICIAL_REPO")
+    if not py or not repo:
+        return None, None, (
+            "authors' reference not given (--official-python/--official-repo or "
+            "$OFFICIAL_PY/$OFFICIAL_REPO; ../shared/tools/official_runtime/setup.sh builds them)"
+        )
+    if not os.path.exists(py):
+        return None, None, f"authors' reference: python {py!r} does not exist"
+    if not os.path.isdir(repo):
+        return None, None, f"authors' reference: repository {repo!r} is not a directory"
+    if args.device != "cpu" or args.amp or args.compile or args.batch_size != 1:
+        return None, None, "authors' reference: only for float32 eager CPU runs of batch 1"
+    return py, repo, None
+
+
+ROOFLINE_N = 2048
+
+
+def sgemm_fn(n: int = ROOFLINE_N) -> Callable[[], None]:
+    """One n x n x n float32 matrix product (the machine's in-run multiply-add roofline)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    c = torch.empty(n, n)
+    return lambda: torch.mm(a, b, out=c)
+
+
+def perturb_decoder(model, scale: float, seed: int = 0) -> None:
+    """``p += scale * N(0, 1)`` on every decoder parameter (the authors' reference does the same
+    to its rpn_head/roi_head): random-init generators have zero weights, so without it all
+    queries would sample the same points (cache-friendly, not representative of a trained
+    model) and boxes would not move between stages."""
+    import torch
+
+    dec = _decoder_module(model)
+    if dec is None or scale == 0:
+        return
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in dec.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device))
 
 
 # ------------------------------------------------------------------------------------ memory
@@ -710,6 +852,34 @@ def parse_args(argv=None):
         help="peak-memory measurements per model " "(fresh processes on CPU); 0 = skip",
     )
     p.add_argument("--no-flops", action="store_true", help="skip the fvcore FLOP count")
+    p.add_argument(
+        "--official-python",
+        default=None,
+        metavar="PY",
+        help="python of an environment of the authors' code (default $OFFICIAL_PY): their model "
+        "is timed in the same run, interleaved with A (tools/official_reference.py)",
+    )
+    p.add_argument(
+        "--official-repo",
+        default=None,
+        metavar="DIR",
+        help="checkout of the authors' repository (default $OFFICIAL_REPO)",
+    )
+    p.add_argument("--official-worker", default=OFFICIAL_WORKER, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--no-roofline",
+        action="store_true",
+        help="skip the in-run 2048^3 sgemm (the multiply-add rate that timings are compared to)",
+    )
+    p.add_argument(
+        "--perturb-decoder",
+        type=float,
+        default=0.02,
+        metavar="S",
+        help="add S * N(0, 1) to every decoder parameter (default 0.02, as the authors' "
+        "reference): random-init generators are zero, so all queries would sample the same "
+        "points; 0 = off",
+    )
     p.add_argument("--_memory-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
         "opts",
@@ -725,8 +895,8 @@ def parse_args(argv=None):
     for name in ("batch_size", "iters"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0 or args.stress < 0 or min(args.image_size) < 32:
-        p.error("--warmup/--stress must be >= 0 and --image-size >= 32")
+    if args.warmup < 0 or args.stress < 0 or min(args.image_size) < 32 or args.perturb_decoder < 0:
+        p.error("--warmup/--stress/--perturb-decoder must be >= 0 and --image-size >= 32")
     return args
 
 
@@ -771,6 +941,25 @@ def main(argv=None) -> Dict[str, Any]:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmark: --device cuda but CUDA is not available")
+    official = None
+    off_py, off_repo, off_skip = official_settings(args)
+    if off_skip is None:
+        log(f"starting the authors' reference: {off_py} {args.official_worker} ({off_repo})")
+        official = OfficialReference(  # same threads as ours
+            off_py, off_repo, torch.get_num_threads(), args.image_size, worker=args.official_worker
+        )
+    else:
+        log(f"no same-run comparison with the authors' code: {off_skip}")
+    try:
+        return _main(args, official, off_skip)
+    finally:
+        if official is not None:
+            official.close()
+
+
+def _main(args, official: Optional["OfficialReference"], off_skip: Optional[str]) -> Dict[str, Any]:
+    import torch
+
     specs = {"a": (args.config_file, args.opts)}
     if args.compare_config or args.compare_opts is not None:
         specs["b"] = (args.compare_config or args.config_file, args.compare_opts or [])
@@ -781,6 +970,9 @@ def main(argv=None) -> Dict[str, Any]:
     for n, (cfg, opts) in specs.items():
         log(f"building {n}: {cfg} {' '.join(opts)}")
         models[n], infos[n] = build_model(cfg, opts, args.device)
+        if args.perturb_decoder and is_stageinteractor(models[n]):
+            perturb_decoder(models[n], args.perturb_decoder)
+            infos[n]["decoder_perturbation"] = args.perturb_decoder
         batches[n] = make_batch(models[n], args.batch_size, h, w)
         res[n] = {
             "load_info": infos[n],
@@ -839,17 +1031,41 @@ def main(argv=None) -> Dict[str, Any]:
             else:
                 models[n] = torch.compile(m)
 
+    official_res: Dict[str, Any] = {"skipped": off_skip} if official is None else {}
+    if official is not None:
+        info = official.ready()
+        official_res.update(
+            python=official.python,
+            repo=official.repo,
+            torch=info.get("torch"),
+            threads=info.get("threads"),
+            size=info.get("size"),
+        )
+        if args.count_ops:
+            log("official: counting decoder aten calls")
+            cnt = official.call("count")
+            official_res["decoder_aten_calls"] = cnt["aten_calls"]
+            official_res["decoder_aten_calls_by_op"] = dict(list(cnt["by_op"].items())[:20])
+    # same-run extras timed interleaved with the models: the authors' model and the roofline
+    extra: Dict[str, Callable[[], Any]] = {}
+    if official is not None:
+        extra["official"] = official.fn("decoder" if args.decoder_only else "whole")
+    if not args.no_roofline:
+        extra["sgemm"] = sgemm_fn()
+
     times = {}
     if args.decoder_only:
         fns = {n: decoder_fns(models[n], batches[n], args.device, args.amp)[0] for n in names}
         fns = {n: f for n, f in fns.items() if f is not None}
         if fns:
             times["decoder_only"] = interleaved(
-                fns, args.iters, args.warmup, args.device, "decoder-only"
+                dict(fns, **extra), args.iters, args.warmup, args.device, "decoder-only"
             )
     else:
         fns = {n: inference_fn(models[n], batches[n], args.device, args.amp) for n in names}
-        times["inference"] = interleaved(fns, args.iters, args.warmup, args.device, "inference")
+        times["inference"] = interleaved(
+            dict(fns, **extra), args.iters, args.warmup, args.device, "inference"
+        )
         if args.train:
             fns = {n: train_fn(models[n], batches[n], args.device, args.amp) for n in names}
             times["train"] = interleaved(fns, args.iters, args.warmup, args.device, "train step")
@@ -890,6 +1106,11 @@ def main(argv=None) -> Dict[str, Any]:
             dec, bb = decoder_fns(models[n], batches[n], args.device, args.amp)
             if dec is not None:
                 fns[f"{n}.decoder"], fns[f"{n}.backbone"] = dec, bb
+        if fns and official is not None:
+            fns["official.decoder"] = official.fn("decoder")
+            fns["official.backbone"] = official.fn("backbone")
+        if fns and not args.no_roofline:
+            fns["roofline.sgemm"] = extra["sgemm"]
         if fns:
             idle = interleaved(fns, args.iters, args.warmup, args.device, "stress: idle")
             limit = 60 + 30 * args.iters * len(fns)
@@ -904,6 +1125,18 @@ def main(argv=None) -> Dict[str, Any]:
                     "idle_s": spread(idle[key]),
                     "stressed_s": spread(busy[key]),
                     "slowdown": s_med / i_med,
+                }
+            if "official.decoder" in fns and "a.decoder" in fns:
+                stress["vs_official"] = {
+                    f"{part}_speedup_{cond}": speedups(runs[f"official.{part}"], runs[f"a.{part}"])
+                    for part in ("decoder", "backbone")
+                    for cond, runs in (("idle", idle), ("stressed", busy))
+                }
+            if "roofline.sgemm" in fns:
+                roof = stress["models"].pop("roofline")["sgemm"]
+                stress["roofline"] = {
+                    "sgemm_idle_macs_per_s": ROOFLINE_N**3 / roof["idle_s"]["median"],
+                    "sgemm_stressed_macs_per_s": ROOFLINE_N**3 / roof["stressed_s"]["median"],
                 }
 
     ratios = {}
@@ -938,6 +1171,41 @@ def main(argv=None) -> Dict[str, Any]:
                     key, "decoder_only_s"
                 )
                 ratios[f"{label}_cpu"] = 1 / r_ if key == "inference" else r_
+    ratios_vs_official: Dict[str, Any] = {}
+    roofline: Dict[str, Any] = {"skipped": "--no-roofline"} if args.no_roofline else {}
+    for key, what, label in (
+        ("decoder_only", "decoder-only", "decoder"),
+        ("inference", "inference", "whole"),
+    ):
+        if key not in times:
+            continue
+        t = times[key]
+        if "official" in t and "a" in t:
+            official_res[f"{label}_s"] = spread(t["official"])
+            official_res[f"{label}_cpu_s"] = spread(CPU_TIMES[what]["official"])
+            sp = speedups(t["official"], t["a"])
+            sp["cpu"] = statistics.median(CPU_TIMES[what]["official"]) / statistics.median(
+                CPU_TIMES[what]["a"]
+            )
+            ratios_vs_official[label] = sp
+        if "sgemm" in t:
+            rate = ROOFLINE_N**3 / statistics.median(t["sgemm"])
+            roofline.update(
+                sgemm_n=ROOFLINE_N,
+                sgemm_s=spread(t["sgemm"]),
+                sgemm_macs_per_s=rate,
+            )
+            flops = res["a"]["flops"] or {}
+            macs = flops.get("decoder") if label == "decoder" else flops.get("total")
+            roofline[f"{label}_macs"] = macs
+            if not macs:
+                roofline[f"{label}_fraction"] = None
+                roofline["note"] = "no FLOP count (--no-flops): fractions not computed"
+                continue
+            roofline[f"{label}_fraction"] = macs / statistics.median(t["a"]) / rate
+            if "official" in t:
+                # the same function (same multiply-adds; counted on our model)
+                roofline[f"official_{label}_fraction"] = macs / statistics.median(t["official"]) / rate
     out = {
         "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "torch": torch.__version__,
@@ -947,6 +1215,9 @@ def main(argv=None) -> Dict[str, Any]:
         "b": res.get("b"),
         "ratios": ratios,
         "stress": stress,
+        "official": official_res,
+        "ratios_vs_official": ratios_vs_official,
+        "roofline": roofline,
     }
     _print_table(res, names)
     if ratios:
@@ -970,12 +1241,43 @@ def main(argv=None) -> Dict[str, Any]:
             print(f"{n}: host syncs per {what.replace('_', ' ')}: {c['total']} ("
                   + ", ".join(f"{k} {c[k]}" for k in ("scalar", "to_cpu", "to_gpu", "data_dep"))
                   + f"; non-blocking host->device copies {c['to_gpu_async']})")
+    if "skipped" in official_res:
+        print(f"authors' reference: skipped - {official_res['skipped']}")
+    else:
+        calls = official_res.get("decoder_aten_calls")
+        print(
+            f"authors' reference ({official_res['python']}, torch {official_res['torch']}, "
+            f"{official_res['threads']} threads): "
+            + ", ".join(
+                f"{label} median {official_res[label + '_s']['median']:.4f} s"
+                for label in ("decoder", "whole")
+                if official_res.get(label + "_s")
+            )
+            + (f", decoder aten calls {calls}" if calls else "")
+        )
+        for label, sp in ratios_vs_official.items():
+            print(
+                f"{label}: authors' / ours = {sp['median']:.3f}x (medians), "
+                f"{sp['paired']:.3f}x (paired), {sp['cpu']:.3f}x (CPU time)"
+            )
+    if roofline.get("sgemm_macs_per_s"):
+        fr = ", ".join(
+            f"{k[: -len('_fraction')]} {100 * v:.1f}%"
+            for k, v in roofline.items()
+            if k.endswith("_fraction") and v is not None
+        )
+        print(
+            f"roofline: {ROOFLINE_N}^3 sgemm {roofline['sgemm_macs_per_s'] / 1e9:.1f} GMAC/s in this run"
+            + (f"; achieved fraction: {fr}" if fr else "")
+        )
     if stress:
         for n, parts in stress["models"].items():
             print(
                 f"{n}: slowdown under {args.stress} stress workers: "
                 + ", ".join(f"{p}={v['slowdown']:.2f}x" for p, v in parts.items())
             )
+        for k, v in stress.get("vs_official", {}).items():
+            print(f"stress: authors' / ours {k}: {v['median']:.3f}x (medians), {v['paired']:.3f}x (paired)")
     oth = load["other_processes_cpu_share"]
     print(
         f"load: 1-min loadavg {load['loadavg_1min_start']} -> {load['loadavg_1min_end']}, "

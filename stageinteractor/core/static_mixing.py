@@ -58,7 +58,9 @@ class StaticMixing(nn.Module):
             intra = F.linear(x.view(M * K, S * C), self.intra.weight, self.intra.bias).view(M, K, S, C)
             xt = x.view(M, K, S, C).transpose(1, 2).contiguous().view(M * S, K * C)
             inter = F.linear(xt, self.inter.weight, self.inter.bias).view(M, S, K, C).transpose(1, 2)
-            return residual + (intra + inter).view(M, self.num_points, C)
+            # in place on the intra GEMM's output (its backward does not need it): same sums,
+            # no two extra (M, P, C) buffers
+            return intra.add_(inter).view(M, self.num_points, C).add_(residual)
         if self.kind == "channel":
             return residual + F.linear(x, self.channel.weight, self.channel.bias)
         return residual + torch.matmul(self.spatial.weight, x) + self.spatial.bias.unsqueeze(-1)

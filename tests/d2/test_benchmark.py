@@ -238,3 +238,127 @@ def test_matmul_handle_broadcasts():
     with torch.no_grad():
         a = flop_analysis(Spatial(), (torch.randn(8, 8), torch.randn(5, 8, 3)))
     assert a.total() == 5 * 8 * 8 * 3
+
+
+# ------------------------------------------------------------------ same-run reference (issue 15)
+FAKE_WORKER = r'''
+import json, sys, time
+args = sys.argv[1:]
+threads = int(args[args.index("--threads") + 1]) if "--threads" in args else 0
+size = [int(args[args.index("--size") + 1]), int(args[args.index("--size") + 2])]
+def reply(o):
+    sys.stdout.write(json.dumps(o) + "\n"); sys.stdout.flush()
+reply({"ready": True, "torch": "fake", "threads": threads, "size": size})
+for line in sys.stdin:
+    cmd = line.strip()
+    if cmd == "quit":
+        reply({"bye": True}); break
+    if cmd in ("decoder", "backbone", "whole"):
+        time.sleep(0.001)
+        reply({"wall_s": {"decoder": 0.5, "backbone": 0.25, "whole": 2.0}[cmd], "cpu_s": 0.4})
+    elif cmd == "count":
+        reply({"aten_calls": 2865, "by_op": {"aten.view": 733, "aten.mul": 306}})
+    else:
+        reply({"error": "unknown command " + cmd})
+'''
+
+
+def _fake_reference(tmp_path):
+    worker = tmp_path / "fake_official.py"
+    worker.write_text(FAKE_WORKER)
+    repo = tmp_path / "official_repo"
+    repo.mkdir()
+    import sys
+
+    return ["--official-python", sys.executable, "--official-repo", str(repo), "--official-worker", str(worker)]
+
+
+def test_official_reference_protocol_ratios_and_roofline(bench, tmp_path):
+    """A fake worker (fixed reported times) stands in for the authors' environment: the ratios are
+    computed from the worker-reported times, interleaved with ours, also under --stress."""
+    out = tmp_path / "off.json"
+    bench.main(
+        [
+            "--config-file", DEMO, "--image-size", "64", "96", "--iters", "3", "--warmup", "0",
+            "--decoder-only", "--count-ops", "--stress", "1", "--threads", "1", "--json", str(out),
+            *_fake_reference(tmp_path), *TINY,
+        ]
+    )
+    data = json.loads(out.read_text())
+    off = data["official"]
+    assert "skipped" not in off and off["threads"] == 1 and off["size"] == [64, 96]
+    assert off["decoder_aten_calls"] == 2865
+    assert off["decoder_s"]["median"] == 0.5 and off["decoder_cpu_s"]["median"] == 0.4
+    ours = data["a"]["decoder_only_s_spread"]["values"]
+    r = data["ratios_vs_official"]["decoder"]
+    assert r["median"] == pytest.approx(0.5 / data["a"]["decoder_only_s"])
+    assert r["paired"] == pytest.approx(sorted(0.5 / t for t in ours)[1])
+    assert r["cpu"] == pytest.approx(0.4 / data["a"]["decoder_only_cpu_s_spread"]["median"])
+    roof = data["roofline"]
+    assert roof["sgemm_n"] == 2048 and roof["sgemm_macs_per_s"] > 1e8
+    macs = data["a"]["flops"]["decoder"]
+    assert roof["decoder_macs"] == macs > 0
+    assert roof["decoder_fraction"] == pytest.approx(
+        macs / data["a"]["decoder_only_s"] / roof["sgemm_macs_per_s"]
+    )
+    assert roof["official_decoder_fraction"] == pytest.approx(macs / 0.5 / roof["sgemm_macs_per_s"])
+    st = data["stress"]
+    assert set(st["models"]) == {"a", "official"} and st["models"]["official"]["decoder"]["slowdown"] == 1.0
+    assert {"decoder_speedup_idle", "decoder_speedup_stressed", "backbone_speedup_stressed"} <= set(
+        st["vs_official"]
+    )
+    assert st["roofline"]["sgemm_stressed_macs_per_s"] > 0
+
+
+def test_official_reference_whole_model(bench, tmp_path):
+    out = tmp_path / "whole.json"
+    bench.main(
+        [
+            "--config-file", DEMO, "--image-size", "64", "96", "--iters", "2", "--warmup", "0",
+            "--no-flops", "--no-roofline", "--threads", "1", "--json", str(out),
+            *_fake_reference(tmp_path), *TINY,
+        ]
+    )
+    data = json.loads(out.read_text())
+    assert data["official"]["whole_s"]["median"] == 2.0
+    ours = data["a"]["inference_s_spread"]["median"]
+    assert data["ratios_vs_official"]["whole"]["median"] == pytest.approx(2.0 / ours)
+    assert data["roofline"] == {"skipped": "--no-roofline"}
+
+
+def test_official_reference_skipped_with_reason(bench, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OFFICIAL_PY", raising=False)
+    monkeypatch.delenv("OFFICIAL_REPO", raising=False)
+    out = tmp_path / "skip.json"
+    bench.main(
+        [
+            "--config-file", DEMO, "--image-size", "64", "96", "--iters", "1", "--warmup", "0",
+            "--decoder-only", "--no-flops", "--no-roofline", "--threads", "1", "--json", str(out),
+            *TINY,
+        ]
+    )
+    data = json.loads(out.read_text())
+    assert "not given" in data["official"]["skipped"] and data["ratios_vs_official"] == {}
+    assert "authors' reference: skipped" in capsys.readouterr().out
+
+
+def test_official_worker_failure_is_reported(bench, tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import sys; sys.stderr.write('no mmdet here'); sys.exit(3)\n")
+    import sys
+
+    ref = bench.OfficialReference(sys.executable, str(tmp_path), 1, (64, 96), worker=str(bad))
+    with pytest.raises(RuntimeError, match="no mmdet here"):
+        ref.ready()
+    ref.close()
+
+
+def test_perturb_decoder_changes_only_the_decoder(bench):
+    cfg = LazyConfig.load(DEMO)
+    torch.manual_seed(0)
+    model = instantiate(cfg.model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bench.perturb_decoder(model, 0.02)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("decoder.") for k in changed)
