@@ -188,8 +188,11 @@ def sweep(root, package, scripts):
             if isinstance(e, KeyboardInterrupt):
                 raise
             missing = _missing_name(e)
-            reason = _first_line(e) if missing else "".join(
-                traceback.format_exception_only(type(e), e)).strip()
+            if getattr(e, "missing", None):  # a tool's start-up check: its whole message
+                reason = " ".join(x.strip() for x in str(e).splitlines())
+            else:
+                reason = _first_line(e) if missing else "".join(
+                    traceback.format_exception_only(type(e), e)).strip()
             classify(str(rel), "(import)", missing, reason)
         pkg = name if (kind == "module" and path.name == "__init__.py") else (
             name.rpartition(".")[0] if kind == "module" else None)
