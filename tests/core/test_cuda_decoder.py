@@ -62,7 +62,10 @@ def _run(decoder, feats, sizes, device):
 
 
 @pytest.mark.parametrize("adamixer", [False, True], ids=["stageinteractor", "adamixer"])
-@pytest.mark.parametrize("sizes", [R50, DEMO], ids=["r50_100q", "demo"])
+@pytest.mark.parametrize(
+    "sizes",
+    [pytest.param(R50, marks=pytest.mark.slow, id="r50_100q"), pytest.param(DEMO, id="demo")],
+)
 def test_decoder_forward_backward_accel_equals_cpu(accel_device, sizes, adamixer):
     decoder = _build(sizes, adamixer)
     feats, image_sizes = _inputs(sizes["query_dim"])

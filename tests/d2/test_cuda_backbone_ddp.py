@@ -24,6 +24,7 @@ pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # building X101-DCN and its CPU forward take a while on a small CPU
 def test_x101_dcn_backbone_accel_equals_cpu(accel_device):
     torch.manual_seed(0)
     model = build_resnext101_32x4d_dcn().eval()

@@ -43,7 +43,9 @@ def _amp_ctx(device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize(
+    "name", [pytest.param("demo"), pytest.param("r50_100q", marks=pytest.mark.slow)]
+)
 def test_train_step_and_inference_with_and_without_amp(bench, accel_device, name):
     config, (h, w) = CONFIGS[name]
     torch.manual_seed(0)
