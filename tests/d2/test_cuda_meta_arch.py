@@ -110,3 +110,24 @@ def test_train_step_and_inference_with_and_without_amp(bench, accel_device, name
                 assert inst.pred_boxes.tensor.device.type == accel_device.type
                 assert torch.isfinite(inst.scores.float()).all()
                 assert len(inst) == model.max_detections_per_image
+
+
+def test_host_syncs_on_accel_within_budget(bench, accel_device):
+    """The host-sync budget (tests/d2/test_host_sync_budget.py) on the real device, and
+    PyTorch's own sync-debug count (``torch.cuda.set_sync_debug_mode``) as a cross-check:
+    every synchronising CUDA call it reports is one the counter counted."""
+    from stageinteractor.d2.sync_count import count_host_syncs
+
+    config, (h, w) = CONFIGS["demo"]
+    torch.manual_seed(0)
+    model, _ = bench.build_model(config, [], str(accel_device))
+    res = count_host_syncs(model, bench.make_batch(model, 2, h, w), cuda_sync_debug=True)
+    budgets = {"train_step": {"scalar": 0, "to_cpu": 3, "to_gpu": 0, "data_dep": 0},
+               "inference": {"scalar": 0, "to_cpu": 1, "to_gpu": 0, "data_dep": 0}}
+    for what, budget in budgets.items():
+        c = res[what]
+        assert all(c[k] <= v for k, v in budget.items()), (what, c["sites"])
+        assert c["dry_run"] == (accel_device.type == "cpu")
+        if accel_device.type == "cuda":
+            assert c["cuda_sync_warnings"] == c["total"], (what, c["cuda_sync_warnings"],
+                                                           c["sites"])
