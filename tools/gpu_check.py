@@ -342,9 +342,11 @@ def main(argv=None) -> int:
     check.result["ok"] = bool(check.result["tests"].get("ok")) and not failed \
         and not syncs_failed
     check.write()
-    check.log(f"tests: {json.dumps({k: v for k, v in check.result['tests'].items() if k != 'skip_reasons'})}")
+    tests = {k: v for k, v in check.result["tests"].items() if k != "skip_reasons"}
+    check.log(f"tests: {json.dumps(tests)}")
     for n, r in rows.items():
-        check.log(f"row {n}: {r['status']} {r.get('reason', '')} {json.dumps(r.get('figures', {}))}")
+        figs = json.dumps(r.get("figures", {}))
+        check.log(f"row {n}: {r['status']} {r.get('reason', '')} {figs}")
     check.log(f"{'OK' if check.result['ok'] else 'NOT OK'}: wall {check.result['wall_s']:.0f}s "
               f"of {check.budget_s:.0f}s; log {check.log_path}")
     check.log_file.close()
