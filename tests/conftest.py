@@ -102,7 +102,11 @@ _ROOT = [TESTS.parent]
 def pytest_configure(config):
     _ROOT[0] = Path(str(config.rootpath))
     config.addinivalue_line("markers", "slow: takes more than a few seconds on CPU")
-    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped when none is available")
+    config.addinivalue_line(
+        "markers",
+        "gpu: needs a CUDA device; skipped when none is available (STAGEINTERACTOR_GPU_DRY_RUN=1 "
+        "runs them on the CPU instead)",
+    )
 
 
 class _SkippedLayerModule(pytest.Module):
@@ -136,8 +140,8 @@ def pytest_collection_modifyitems(config, items):
                 import torch
 
                 cuda = torch.cuda.is_available()
-            if not cuda:
-                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+            if not cuda and not gpu_dry_run():
+                item.add_marker(pytest.mark.skip(reason="no CUDA device"))
 
 
 def pytest_collectreport(report):
@@ -208,6 +212,35 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         path.write_text("\n".join(lines) + "\n")
     except OSError:
         pass
+
+
+def gpu_dry_run():
+    """STAGEINTERACTOR_GPU_DRY_RUN=1: run the ``gpu`` tests without a GPU, on the CPU (the
+    "accelerator" is then the CPU itself: every comparison runs, trivially exact)."""
+    return os.environ.get("STAGEINTERACTOR_GPU_DRY_RUN", "") == "1"
+
+
+@pytest.fixture
+def real_cuda():
+    """True when the ``gpu`` tests run on a real CUDA device."""
+    return importlib.import_module("torch").cuda.is_available()
+
+
+@pytest.fixture
+def accel_device(real_cuda):
+    """The device of the ``gpu`` tests: ``cuda`` when there is one, else (dry run) ``cpu``.
+    On CUDA, TF32 is off while the test runs (float32 comparisons with the CPU)."""
+    torch = importlib.import_module("torch")
+    if not real_cuda:
+        yield torch.device("cpu")
+        return
+    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield torch.device("cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
 
 
 @pytest.fixture(autouse=True)

@@ -294,7 +294,8 @@ class _SyncFunctionMode(TorchFunctionMode):
         if isinstance(target, Tensor):
             dst_host = c.is_host(target)
         else:
-            dev = torch.device(target) if not isinstance(target, int) else torch.device("cuda", target)
+            dev = (torch.device("cuda", target) if isinstance(target, int)
+                   else torch.device(target))
             dst_host = dev.type == "cpu"
             if c.simulate and dst_host:
                 # dry run: the device *is* the CPU, so ``.to(x.device)`` and ``.to("cpu")`` look

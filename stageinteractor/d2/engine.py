@@ -6,9 +6,10 @@
   the one ``--resume`` picks, and a tag pointing at a missing file is ignored.
 * :class:`Trainer`: detectron2's ``SimpleTrainer`` plus AMP (CUDA float16 with a GradScaler, or
   CPU bfloat16 autocast), global-L2 gradient clipping, one device->host copy per step for all
-  logged scalars (losses, the model's diagnostics, gradient norm), and per-iteration re-seeding: before step
-  ``i`` the torch/numpy/python RNGs are seeded from ``(seed, i, rank)``, so any randomness in the
-  model is a function of the iteration and a resumed run reproduces an uninterrupted one.
+  logged scalars (losses, the model's diagnostics, gradient norm), and per-iteration
+  re-seeding: before step ``i`` the torch/numpy/python RNGs are seeded from
+  ``(seed, i, rank)``, so any randomness in the model is a function of the iteration and a
+  resumed run reproduces an uninterrupted one.
 * :func:`create_ddp_model`: DistributedDataParallel that also works for CPU (gloo) processes.
 * :func:`apply_overrides_strict`: ``LazyConfig.apply_overrides`` that refuses unknown keys
   (``+key=value`` adds a new key on purpose).
