@@ -3,6 +3,8 @@
 #   make demo     set up, then run the small end-to-end demo (tools/run_demo.py)
 #   make test     set up, then run the three test layers (core / detectron2 / detrex)
 #   make setup    only the idempotent set-up step (scripts/setup_env.py)
+#   make ci-clean the README's two commands on a fresh clone in an empty virtual environment
+#                 (.ci/clean_env.sh; what CI runs after the fast `make test`)
 #
 # Variables: PYTHON (default python3), PYTEST_ARGS (extra pytest arguments, e.g. -m "not slow"),
 # DEMO_ARGS (extra arguments for tools/run_demo.py). The set-up step reads DETECTRON2_SRC and
@@ -15,10 +17,10 @@ DEMO_ARGS ?=
 # This checkout first on the import path, whatever is pip-installed.
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH),)
 
-.PHONY: help setup test demo lint
+.PHONY: help setup test demo lint ci-clean
 
 help:
-	@sed -n '2,9p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,11p' Makefile | sed 's/^# \{0,1\}//'
 
 setup:
 	$(PYTHON) scripts/setup_env.py
@@ -29,15 +31,18 @@ test: setup
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5), treated as success"; rc=0; fi; \
 	exit $$rc
 
-# The demo needs the detectron2 layer; without detectron2 it is skipped with the reason.
+# The demo needs the detectron2 layer; without it `make demo` fails (exit 1) with the reason.
 demo: setup
-	@if $(PYTHON) -c "import detectron2.config" >/dev/null 2>&1; then \
-		echo "$(PYTHON) tools/run_demo.py $(DEMO_ARGS)"; \
-		$(PYTHON) tools/run_demo.py $(DEMO_ARGS); \
-	else \
-		echo "make demo: SKIPPED - detectron2 is not importable; provide it with e.g."; \
+	@if ! $(PYTHON) -c "import detectron2.config" >/dev/null 2>&1; then \
+		echo "make demo: FAILED - detectron2 is not importable, so the demo cannot run;"; \
+		echo "  the set-up step above says why. Provide it with e.g."; \
 		echo "  DETECTRON2_SRC=/path/to/detectron2 make demo"; \
+		exit 1; \
 	fi
+	$(PYTHON) tools/run_demo.py $(DEMO_ARGS)
+
+ci-clean:
+	.ci/clean_env.sh
 
 lint:
 	@if $(PYTHON) -m flake8 --version >/dev/null 2>&1; then \

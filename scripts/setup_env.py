@@ -1,38 +1,55 @@
 #!/usr/bin/env python3
 """The one idempotent set-up step behind ``make setup``, ``make test`` and ``make demo``.
 
+Run it with the Python it should set up (``make`` uses ``$(PYTHON)``, default ``python3``).
 What it does, in order (each step is skipped when its result is already in place, so a
-second run only probes the environment and takes a few seconds):
+run with nothing to do only probes the environment):
 
-1. core: makes sure torch and the PyPI dependencies of ``stageinteractor`` are importable and
-   that the project itself is installed (``pip install -e .`` when it is not importable).
-2. detectron2: installs it when it is not importable, from ``$DETECTRON2_SRC`` (a checkout
-   or a git directory) or else from its upstream git repository.
-3. detrex: the same with ``$DETREX_SRC``, plus detrex's runtime dependencies, and makes detrex's
-   ``projects`` namespace (``from projects.dino.modeling import DINO``) importable through a
-   folder holding only a ``projects`` symlink, put on ``sys.path`` by a ``.pth`` file.
+1. PyPI packages: every requirement of ``pyproject.toml`` -- the dependencies and all the
+   extras (``test``, ``demo``, ``onnx``, ``detectron2``, ``detrex``) -- that is not already
+   satisfied is installed; ``pyproject.toml`` is the one list. Then this checkout itself
+   (``pip install -e . --no-deps``) when ``stageinteractor`` is not importable.
+2. detectron2 and detrex (no wheels on PyPI): when one is not installed, its wheel is taken
+   from the wheel cache (``~/.cache/stageinteractor/wheels``, keyed by the source commit, the
+   torch version, the Python version and cpu/CUDA) or built into it from source
+   (``$DETECTRON2_SRC`` / ``$DETREX_SRC``: a checkout or a git directory; else a clone of the
+   upstream repository, kept in ``~/.cache/stageinteractor/src``), then installed. A package
+   that is installed but does not import is never rebuilt: the step names the module that is
+   missing.
+3. detrex's ``projects`` namespace (``from projects.dino.modeling import DINO``) is made
+   importable through a folder in site-packages holding only a ``projects`` symlink to the
+   detrex source, listed in a ``.pth`` file (the detrex source root itself would shadow the
+   installed ``detrex`` package).
+4. ``scripts/import_sweep.py`` imports every module of ``stageinteractor/`` and ``tools/`` (and
+   resolves the imports inside their functions) in a fresh process: a module that needs a
+   package that is not installed fails the step, naming the package.
 
-detectron2 and detrex publish no wheels. Where neither a local source nor the upstream
-repository can be reached, this script does NOT fail: it says which one it could not reach,
-which test layers (and the demo) are skipped because of it, and how to provide it.
-It exits non-zero only when the core layer itself cannot be set up (torch or a PyPI
-dependency cannot be installed).
+It ends with one line per layer (core, detectron2, detrex) and per extra (demo pictures, ONNX
+export) saying what is available. A layer that cannot be provided (no source reachable) is
+reported with what is skipped because of it; it is an error only where
+``STAGEINTERACTOR_REQUIRE_LAYERS`` asks for it. Exit status: 0 when set up, 1 when a
+requirement could not be installed, the import sweep failed or a required layer is missing.
 
 Environment variables:
   DETECTRON2_SRC, DETREX_SRC      local checkout (folder with setup.py), git directory or git URL
   DETECTRON2_GIT_URL, DETREX_GIT_URL   upstream repositories (defaults: GitHub)
   STAGEINTERACTOR_DEPS_DIR        where sources are cloned (default ~/.cache/stageinteractor/src)
-  STAGEINTERACTOR_OFFLINE=1       never contact a git server (local sources only)
+  STAGEINTERACTOR_WHEEL_CACHE     built wheels (default ~/.cache/stageinteractor/wheels)
+  STAGEINTERACTOR_OFFLINE=1       never contact a git server (local sources and caches only)
+  STAGEINTERACTOR_REQUIRE_LAYERS  comma list of layers that must be available
+                                  (core,detectron2,detrex) or "all"
   SKIP_DETECTRON2=1, SKIP_DETREX=1   do not try to install that dependency
   GIT_TIMEOUT (s, default 60)     limit for reaching a git server; clones get 15x that
 """
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,81 +60,65 @@ DEFAULT_URLS = {
 ENV_SRC = {"detectron2": "DETECTRON2_SRC", "detrex": "DETREX_SRC"}
 ENV_URL = {"detectron2": "DETECTRON2_GIT_URL", "detrex": "DETREX_GIT_URL"}
 ENV_SKIP = {"detectron2": "SKIP_DETECTRON2", "detrex": "SKIP_DETREX"}
-# module name -> pip requirement, for the core layer (pyproject.toml dependencies + pytest)
-CORE_DEPS = {
-    "scipy": "scipy",
-    "fvcore": "fvcore",
-    "omegaconf": "omegaconf",
-    "pycocotools": "pycocotools",
-    "matplotlib": "matplotlib",
-    "pytest": "pytest",
-}
-# detrex's runtime imports that its own requirements.txt lists. detrex is installed with
-# --no-deps because that file also pulls in linters and opencv-python (which clashes with
-# opencv-python-headless); these are the ones its modules and projects/ really import.
-DETREX_RUNTIME_DEPS = {
-    "timm": "timm",
-    "einops": "einops",
-    "fairscale": "fairscale",
-    "psutil": "psutil",
-    "cloudpickle": "cloudpickle",
-    "hydra": "hydra-core",
-    "scipy": "scipy",
-}
+LAYERS = ("core", "detectron2", "detrex")
+# pyproject.toml extras, in install order; a layer's extra is skipped with the layer
+EXTRAS = ("test", "demo", "onnx", "detectron2", "detrex")
+# installed first, with build isolation: the rest is installed with --no-build-isolation
+# (sdists such as fairscale's import torch in their setup.py)
+BUILD_FIRST = ("torch", "torchvision", "setuptools", "wheel")
 PTH_NAME = "stageinteractor_detrex_projects"
 
 PROBE = r"""
 import importlib, json, sys, sysconfig, site, warnings
 warnings.filterwarnings("ignore")
-out = {"python": sys.executable, "purelib": sysconfig.get_paths()["purelib"]}
+out = {"python": sys.executable, "purelib": sysconfig.get_paths()["purelib"],
+       "py": "%d.%d" % sys.version_info[:2]}
 try:
-    out["usersite"] = site.getusersitepackages()
+    out["usersite"] = site.getusersitepackages() if site.ENABLE_USER_SITE else None
 except Exception:
     out["usersite"] = None
 
-def probe(name, attr=None):
+def probe(name):
     try:
         m = importlib.import_module(name)
-        r = {"ok": True, "file": getattr(m, "__file__", None)}
-        if attr:
-            v = getattr(m, attr, None)
-            if v is None:
-                try:
-                    from importlib import metadata
-                    v = metadata.version(name.split(".")[0])
-                except BaseException:
-                    v = "?"
-            r["version"] = str(v)
-        return r
+        return {"ok": True, "file": getattr(m, "__file__", None),
+                "version": str(getattr(m, "__version__", ""))}
     except BaseException as e:
-        return {"ok": False, "error": "%s: %s" % (type(e).__name__, str(e).splitlines()[0] if str(e) else "")}
+        return {"ok": False, "error": "%s: %s" % (type(e).__name__, str(e).splitlines()[0] if str(e) else ""),
+                "missing": getattr(e, "name", None) if isinstance(e, ImportError) else None}
+
+from importlib import metadata
+def dist(name):
+    try:
+        d = metadata.distribution(name)
+        try:
+            du = d.read_text("direct_url.json")
+        except Exception:
+            du = None
+        return {"version": d.version, "direct_url": du}
+    except Exception:
+        return None
 
 mods = {}
-mods["torch"] = probe("torch", "__version__")
+mods["torch"] = probe("torch")
 if mods["torch"]["ok"]:
     import torch
     out["cuda"] = bool(torch.cuda.is_available())
+    out["torch_cuda"] = torch.version.cuda
 for n in NAMES:
-    mods[n] = probe(n, "__version__")
-mods["detectron2"] = probe("detectron2", "__version__")
-if mods["detectron2"]["ok"]:
-    mods["detectron2.config"] = probe("detectron2.config")
-mods["detrex"] = probe("detrex", "__version__")
+    mods[n] = probe(n)
+out["dists"] = {n: dist(n) for n in ("detectron2", "detrex", "stageinteractor")}
 if mods["detrex"]["ok"]:
-    mods["projects.dino.modeling"] = probe("projects.dino.modeling")
     try:
         import projects
         out["projects_path"] = [str(p) for p in projects.__path__]
     except BaseException:
         out["projects_path"] = []
-    try:
-        from importlib import metadata
-        out["detrex_direct_url"] = metadata.distribution("detrex").read_text("direct_url.json")
-    except BaseException:
-        out["detrex_direct_url"] = None
 out["mods"] = mods
 print("@@PROBE@@" + json.dumps(out))
 """
+PROBE_NAMES = ["torchvision", "stageinteractor", "cv2", "onnx", "onnxruntime", "detectron2",
+               "detectron2.config", "detrex", "projects.dino.modeling"]
 
 
 def say(msg=""):
@@ -128,9 +129,91 @@ def truthy(name):
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def probe_env():
-    """Import-probe the target interpreter in a fresh process, from a neutral directory and
-    without this checkout on PYTHONPATH (so "importable" means "installed")."""
+# --------------------------------------------------------------------------------------------
+# pyproject.toml: the one list of requirements
+
+
+def _parse_toml_lists(text):
+    """Minimal reader for the two tables this script needs, for Pythons without tomllib:
+    ``[project] dependencies`` and ``[project.optional-dependencies]`` (lists of strings)."""
+    deps, extras, table = [], {}, None
+    i, lines = 0, text.splitlines()
+    while i < len(lines):
+        line = lines[i].split("#", 1)[0].strip() if not lines[i].strip().startswith('"') else (
+            lines[i].strip())
+        if line.startswith("["):
+            table = line.strip("[]").strip()
+        elif "=" in line and table in ("project", "project.optional-dependencies"):
+            key, rest = [x.strip() for x in line.split("=", 1)]
+            if rest.startswith("["):
+                body = rest
+                while "]" not in body.split("#", 1)[0] and i + 1 < len(lines):
+                    i += 1
+                    body += " " + lines[i].split("#", 1)[0]
+                items = re.findall(r'"([^"]*)"', body)
+                if table == "project" and key == "dependencies":
+                    deps = items
+                elif table == "project.optional-dependencies":
+                    extras[key] = items
+        i += 1
+    return deps, extras
+
+
+def read_requirements(pyproject=None):
+    """(dependencies, {extra: [requirements]}) of ``pyproject.toml``."""
+    path = Path(pyproject) if pyproject else REPO / "pyproject.toml"
+    text = path.read_text()
+    try:
+        import tomllib
+    except ImportError:
+        return _parse_toml_lists(text)
+    data = tomllib.loads(text)
+    project = data.get("project", {})
+    return list(project.get("dependencies", [])), dict(project.get("optional-dependencies", {}))
+
+
+def _packaging():
+    try:
+        from packaging.requirements import Requirement
+        from packaging.utils import canonicalize_name
+    except ImportError:  # pip vendors it; every environment that can run pip has it
+        from pip._vendor.packaging.requirements import Requirement
+        from pip._vendor.packaging.utils import canonicalize_name
+    return Requirement, canonicalize_name
+
+
+def unsatisfied(requirements):
+    """The requirement strings whose distribution is not installed in this interpreter, or
+    installed at a version outside the specifier. Environment markers are honoured."""
+    from importlib import metadata
+
+    Requirement, _ = _packaging()
+    out = []
+    for text in requirements:
+        req = Requirement(text)
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        try:
+            version = metadata.version(req.name)
+        except metadata.PackageNotFoundError:
+            out.append(text)
+            continue
+        if req.specifier and not req.specifier.contains(version, prereleases=True):
+            out.append(text)
+    return out
+
+
+def requirement_name(text):
+    Requirement, canonicalize_name = _packaging()
+    return canonicalize_name(Requirement(text).name)
+
+
+# --------------------------------------------------------------------------------------------
+# probing and installing
+
+
+def clean_env():
+    """os.environ without this checkout on PYTHONPATH: "importable" must mean "installed"."""
     env = dict(os.environ)
     pp = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     pp = [p for p in pp if Path(p).resolve() != REPO]
@@ -138,16 +221,14 @@ def probe_env():
         env["PYTHONPATH"] = os.pathsep.join(pp)
     else:
         env.pop("PYTHONPATH", None)
-    names = sorted(set(CORE_DEPS) | set(DETREX_RUNTIME_DEPS) | {"torchvision", "stageinteractor"})
-    code = "NAMES = %r\n" % (names,) + PROBE
-    r = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tempfile.gettempdir(),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return env
+
+
+def probe_env():
+    """Import-probe this interpreter in a fresh process, from a neutral directory."""
+    code = "NAMES = %r\n" % (PROBE_NAMES,) + PROBE
+    r = subprocess.run([sys.executable, "-c", code], cwd=tempfile.gettempdir(), env=clean_env(),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in r.stdout.splitlines():
         if line.startswith("@@PROBE@@"):
             return json.loads(line[len("@@PROBE@@"):])
@@ -173,43 +254,121 @@ def pip_install(args, extra_env=None, quiet=True):
     env.setdefault("PIP_DEFAULT_TIMEOUT", "60")
     if extra_env:
         env.update(extra_env)
-    say("$ " + " ".join(cmd[2:]))
+    say("$ pip install " + " ".join(cmd[5:]))
     return subprocess.run(cmd, env=env).returncode == 0
+
+
+def wanted_requirements(skip_layers=()):
+    """pyproject's dependencies plus the extras of the layers not skipped, deduplicated."""
+    deps, extras = read_requirements()
+    want = list(deps)
+    for name in EXTRAS:
+        if name in skip_layers:
+            continue
+        if name not in extras:
+            raise SystemExit("[setup] ERROR: pyproject.toml has no extra %r (expected %s)" % (
+                name, ", ".join(EXTRAS)))
+        want += extras[name]
+    seen, out = set(), []
+    for r in want:
+        if r not in seen:
+            seen.add(r)
+            out.append(r)
+    return out
+
+
+def install_requirements(skip_layers=()):
+    """Install what pyproject.toml lists and this interpreter lacks. Returns True if pip ran."""
+    missing = unsatisfied(wanted_requirements(skip_layers))
+    if not missing:
+        return False
+    first = [r for r in missing if requirement_name(r) in BUILD_FIRST]
+    rest = [r for r in missing if r not in first]
+    # every call carries the pins of the build requirements, so that no resolve moves them
+    # (torch depends on setuptools, which must stay < 81 for pkg_resources)
+    pins = [r for r in wanted_requirements(skip_layers) if requirement_name(r) in BUILD_FIRST]
+    if first:
+        say("installing build requirements: " + " ".join(first))
+        if not pip_install(first + [p for p in pins if p not in first]):
+            raise SystemExit("[setup] ERROR: could not install %s (see pip's message above)"
+                             % " ".join(first))
+    if rest:
+        say("installing missing requirements of pyproject.toml: " + " ".join(rest))
+        if not pip_install(["--no-build-isolation"] + rest + pins):
+            raise SystemExit("[setup] ERROR: could not install %s (see pip's message above)"
+                             % " ".join(rest))
+    return True
+
+
+def install_self(state):
+    if ok(state, "stageinteractor"):
+        return False
+    say("stageinteractor is not installed; installing this checkout in editable mode")
+    if not pip_install(["--no-build-isolation", "--no-deps", "-e", str(REPO)]):
+        say("WARNING: `pip install -e .` failed; the make targets still work because they put "
+            "this checkout on PYTHONPATH")
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# sources and the wheel cache
 
 
 def git(args, timeout):
     env = dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_ASKPASS="true")
     try:
-        r = subprocess.run(
-            ["git"] + list(args),
-            env=env,
-            timeout=timeout,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        r = subprocess.run(["git"] + list(args), env=env, timeout=timeout,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     except subprocess.TimeoutExpired:
         return False, "timed out after %ds" % timeout
     except FileNotFoundError:
         return False, "git is not installed"
-    msg = (r.stderr or r.stdout).strip().splitlines()
-    return r.returncode == 0, (msg[-1] if msg else "")
+    out = (r.stdout if r.returncode == 0 else (r.stderr or r.stdout)).strip().splitlines()
+    return r.returncode == 0, (out[-1] if out else "")
 
 
 def is_checkout(path):
-    return path is not None and (Path(path) / "setup.py").is_file()
+    return bool(path) and (Path(path) / "setup.py").is_file()
 
 
 def is_git_dir(path):
     p = Path(path)
-    return p.is_dir() and (
-        (p / "HEAD").is_file() and (p / "objects").is_dir() or (p / ".git").exists()
-    )
+    return p.is_dir() and ((p / "HEAD").is_file() and (p / "objects").is_dir()
+                           or (p / ".git").exists())
+
+
+def source_commit(path):
+    """HEAD commit of a checkout or a git directory, or None."""
+    p = Path(path)
+    args = ["--git-dir", str(p)] if (p / "HEAD").is_file() and (p / "objects").is_dir() else [
+        "-C", str(p)]
+    good, out = git(args + ["rev-parse", "HEAD"], 30)
+    return out.strip() if good and re.fullmatch(r"[0-9a-f]{40}", out.strip()) else None
 
 
 def deps_dir():
     d = os.environ.get("STAGEINTERACTOR_DEPS_DIR")
     return Path(d).expanduser() if d else Path.home() / ".cache" / "stageinteractor" / "src"
+
+
+def wheel_cache_dir():
+    d = os.environ.get("STAGEINTERACTOR_WHEEL_CACHE")
+    return Path(d).expanduser() if d else Path.home() / ".cache" / "stageinteractor" / "wheels"
+
+
+def wheel_cache_key(name, commit, torch_version, python_version, cuda):
+    """Folder name of a built wheel: the wheel depends on the source, on the torch it was
+    compiled against (C++ ABI), on the Python and on whether the CUDA ops were built."""
+    device = "cu" + str(cuda).replace(".", "") if cuda else "cpu"
+    safe_torch = re.sub(r"[^0-9A-Za-z.]+", "_", str(torch_version))
+    return "%s-%s-torch%s-py%s-%s" % (name, commit[:12], safe_torch,
+                                      str(python_version).replace(".", ""), device)
+
+
+def cached_wheel(key):
+    d = wheel_cache_dir() / key
+    wheels = sorted(d.glob("*.whl")) if d.is_dir() else []
+    return wheels[-1] if wheels else None
 
 
 def clone(source, dest, timeout, shallow):
@@ -227,36 +386,36 @@ def clone(source, dest, timeout, shallow):
 
 
 def find_source(name):
-    """Return (checkout_dir or None, reason-if-None)."""
+    """Return (checkout_dir or None, reason-if-None). A git directory (or a git URL) is cloned
+    into the source cache once per commit; a checkout is used in place."""
     git_timeout = int(os.environ.get("GIT_TIMEOUT", "60"))
     src = os.environ.get(ENV_SRC[name], "").strip()
     cached = deps_dir() / name
+    marker = cached / ".stageinteractor_source"
     if src:
         if is_checkout(src):
             return Path(src).resolve(), ""
-        if is_checkout(cached) and (cached / ".stageinteractor_source").is_file() and (
-            cached / ".stageinteractor_source"
-        ).read_text().strip() == src:
-            return cached, ""
         looks_remote = "://" in src or src.startswith("git@")
-        if looks_remote and truthy("STAGEINTERACTOR_OFFLINE"):
-            return None, "%s=%s is remote and STAGEINTERACTOR_OFFLINE is set" % (ENV_SRC[name], src)
         if not looks_remote and not is_git_dir(src):
             return None, "%s=%s is neither a checkout (no setup.py) nor a git directory" % (
-                ENV_SRC[name],
-                src,
-            )
+                ENV_SRC[name], src)
+        if is_checkout(cached) and marker.is_file() and marker.read_text().strip() == src and (
+                looks_remote or source_commit(src) == source_commit(cached)):
+            return cached, ""
+        if looks_remote and truthy("STAGEINTERACTOR_OFFLINE"):
+            return None, "%s=%s is remote and STAGEINTERACTOR_OFFLINE is set" % (ENV_SRC[name], src)
         say("cloning %s from %s into %s" % (name, src, cached))
         good, msg = clone(src, cached, git_timeout * 15, shallow=looks_remote)
         if not good:
             return None, "could not clone %s=%s (%s)" % (ENV_SRC[name], src, msg)
-        (cached / ".stageinteractor_source").write_text(src + "\n")
+        marker.write_text(src + "\n")
         return cached, ""
     if is_checkout(cached):
         return cached, ""
     url = os.environ.get(ENV_URL[name], DEFAULT_URLS[name])
     if truthy("STAGEINTERACTOR_OFFLINE"):
-        return None, "STAGEINTERACTOR_OFFLINE is set and %s is not set" % ENV_SRC[name]
+        return None, "STAGEINTERACTOR_OFFLINE is set, %s is not set and %s holds no copy" % (
+            ENV_SRC[name], cached)
     say("reaching %s (timeout %ds) ..." % (url, git_timeout))
     good, msg = git(["ls-remote", "--heads", url], git_timeout)
     if not good:
@@ -265,7 +424,7 @@ def find_source(name):
     good, msg = clone(url, cached, git_timeout * 15, shallow=True)
     if not good:
         return None, "could not clone %s (%s)" % (url, msg)
-    (cached / ".stageinteractor_source").write_text(url + "\n")
+    marker.write_text(url + "\n")
     return cached, ""
 
 
@@ -273,89 +432,70 @@ def build_env(state):
     env = {}
     if not state.get("cuda", False) and "FORCE_CUDA" not in os.environ:
         env["FORCE_CUDA"] = "0"  # CPU-only build of the C++ ops
-    env.setdefault("MAX_JOBS", str(os.environ.get("MAX_JOBS", os.cpu_count() or 1)))
+    env["MAX_JOBS"] = str(os.environ.get("MAX_JOBS", os.cpu_count() or 1))
     return env
 
 
-def setup_core(state):
-    if not ok(state, "torch"):
-        say("torch is not importable (%s); installing torch and torchvision" % err(state, "torch"))
-        if not pip_install(["torch>=2.0", "torchvision"]):
-            say("ERROR: could not install torch; see https://pytorch.org/get-started/locally/")
-            sys.exit(1)
-    elif not ok(state, "torchvision"):
-        if not pip_install(["torchvision"]):
-            say("ERROR: could not install torchvision")
-            sys.exit(1)
-    missing = [pkg for mod, pkg in CORE_DEPS.items() if not ok(state, mod)]
-    if missing:
-        say("installing missing dependencies: " + " ".join(missing))
-        if not pip_install(missing):
-            say("ERROR: could not install " + " ".join(missing))
-            sys.exit(1)
-    changed = bool(missing) or not ok(state, "torch") or not ok(state, "torchvision")
-    if not ok(state, "stageinteractor"):
-        say("stageinteractor is not installed; installing this checkout in editable mode")
-        ensure_build_tools()
-        if not pip_install(["--no-build-isolation", "--no-deps", "-e", str(REPO)]):
-            say("WARNING: `pip install -e .` failed; the make targets still work because "
-                "they put this checkout on PYTHONPATH")
-        changed = True
-    return changed
-
-
-def ensure_detrex_runtime_deps(state):
-    missing = [pkg for mod, pkg in DETREX_RUNTIME_DEPS.items() if not ok(state, mod)]
-    if not missing:
-        return False
-    say("installing detrex runtime dependencies: " + " ".join(missing))
-    # fairscale ships only an sdist that imports torch in its setup.py
-    if not pip_install(["--no-build-isolation"] + missing):
-        say("WARNING: could not install " + " ".join(missing))
-    return True
-
-
-def _version_tuple(dist):
-    from importlib import metadata
-
-    try:
-        v = metadata.version(dist)
-    except metadata.PackageNotFoundError:
+def build_wheel(name, src, key, state):
+    """Build ``src`` into the wheel cache under ``key``; returns the wheel or None."""
+    dest = wheel_cache_dir() / key
+    tmp = Path(tempfile.mkdtemp(prefix="wheel-%s-" % name))
+    say("building the %s wheel from %s (C++ ops: minutes on CPU) -> %s" % (name, src, dest))
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "pip", "wheel", "--disable-pip-version-check",
+           "--no-build-isolation", "--no-deps", "-w", str(tmp), str(src)]
+    env = dict(os.environ, PIP_DEFAULT_TIMEOUT="60", **build_env(state))
+    rc = subprocess.run(cmd, env=env).returncode
+    wheels = sorted(tmp.glob("*.whl"))
+    if rc != 0 or not wheels:
+        shutil.rmtree(tmp, ignore_errors=True)
         return None
-    parts = []
-    for x in v.split(".")[:3]:
-        digits = "".join(ch for ch in x if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
+    dest.mkdir(parents=True, exist_ok=True)
+    final = dest / wheels[0].name
+    shutil.move(str(wheels[0]), str(final))
+    shutil.rmtree(tmp, ignore_errors=True)
+    (dest / "source.json").write_text(json.dumps({"source": str(src), "key": key}) + "\n")
+    say("built %s in %.0f s" % (final.name, time.time() - t0))
+    return final
 
 
-def ensure_build_tools():
-    """--no-build-isolation builds use this environment's setuptools: it must be recent enough
-    for PEP 660 editable installs (>= 64) and provide bdist_wheel (built in from 70.1, else
-    from the `wheel` package); fresh virtual environments often carry an older one."""
-    st = _version_tuple("setuptools")
-    want = []
-    if st is None or st < (64,):
-        want.append("setuptools>=64,<81")
-    if (st is None or st < (70, 1)) and _version_tuple("wheel") is None:
-        want.append("wheel")
-    if want:
-        say("build tools for --no-build-isolation: installing " + " ".join(want))
-        pip_install(want)
+def obtain_wheel(name, src, state):
+    """(wheel, built): the cached wheel of ``src`` for this torch / Python / device, built into
+    the cache first when there is none (built=True). A source that is not a git checkout has no
+    commit to key on: it is built every time, into a folder of its own."""
+    commit = source_commit(src)
+    if commit is None:
+        say("%s: %s is not a git checkout, so its wheel is not cached" % (name, src))
+        key = "%s-uncached-%d-%d" % (name, os.getpid(), int(time.time()))
+    else:
+        key = wheel_cache_key(name, commit, state["mods"]["torch"].get("version", "?"),
+                              state.get("py", "%d.%d" % sys.version_info[:2]),
+                              state.get("torch_cuda") if state.get("cuda") else None)
+        wheel = cached_wheel(key)
+        if wheel is not None:
+            say("%s: using the cached wheel %s" % (name, wheel))
+            return wheel, False
+    return build_wheel(name, src, key, state), True
 
 
-def setuptools_below_81():
-    try:
-        from importlib import metadata
-
-        major = int(metadata.version("setuptools").split(".")[0])
-        return major < 81
-    except Exception:
-        return False
+def import_failure_message(name, state):
+    """For a package that is installed but does not import: which module is missing."""
+    mod = state["mods"].get(name, {})
+    missing = mod.get("missing")
+    d = state.get("dists", {}).get(name) or {}
+    head = "%s %s is installed but `import %s` fails (%s)" % (
+        name, d.get("version", "?"), name, mod.get("error", "?"))
+    if missing:
+        top = missing.split(".")[0]
+        return (head + ": module `%s` is missing from this environment; install the package "
+                "that provides it (e.g. `pip install %s`) and add it to the `%s` extra of "
+                "pyproject.toml so that `make setup` installs it" % (missing, top, name))
+    return head
 
 
 def install_dep(name, state, failures):
-    """Install detectron2 or detrex when missing. Returns the source checkout used or None."""
+    """Install detectron2 or detrex from the wheel cache, building the wheel when needed.
+    Returns the source checkout used, or None (reason in ``failures``)."""
     if truthy(ENV_SKIP[name]):
         failures[name] = "%s=1 is set" % ENV_SKIP[name]
         return None
@@ -363,16 +503,16 @@ def install_dep(name, state, failures):
     if src is None:
         failures[name] = why
         return None
-    say("installing %s from %s (builds C++ ops: minutes on CPU)" % (name, src))
-    ensure_build_tools()
-    args = ["--no-build-isolation"]
-    if name == "detrex":
-        args.append("--no-deps")
-        if not setuptools_below_81():
-            # detrex.config imports pkg_resources, which setuptools 81 removed
-            pip_install(["setuptools<81"])
-    if not pip_install(args + [str(src)], extra_env=build_env(state), quiet=False):
-        failures[name] = "`pip install %s` failed (see the build log above)" % src
+    wheel, _ = obtain_wheel(name, src, state)
+    if wheel is None:
+        failures[name] = "building the %s wheel from %s failed (see the log above)" % (name, src)
+        return None
+    # detectron2's own install_requires come from PyPI; detrex's runtime packages are the
+    # `detrex` extra (its requirements.txt also lists linters and opencv-python)
+    args = ["--no-build-isolation"] + (["--no-deps"] if name == "detrex" else [])
+    pins = [r for r in wanted_requirements() if requirement_name(r) in BUILD_FIRST]
+    if not pip_install(args + [str(wheel)] + pins):
+        failures[name] = "`pip install %s` failed (see pip's message above)" % wheel
         return None
     return src
 
@@ -385,7 +525,7 @@ def detrex_checkout_guess(state, installed_from):
     src = os.environ.get("DETREX_SRC", "").strip()
     if src and is_checkout(src):
         cands.append(Path(src))
-    du = state.get("detrex_direct_url")
+    du = (state.get("dists", {}).get("detrex") or {}).get("direct_url")
     if du:
         try:
             url = json.loads(du).get("url", "")
@@ -401,14 +541,13 @@ def detrex_checkout_guess(state, installed_from):
 
 
 def ensure_projects_link(state, installed_from, failures):
-    """Make `projects` (detrex's namespace package) importable without putting the detrex
-    root on sys.path (the root holds a `detrex/` folder that would shadow the installed
-    package): a folder holding only a `projects` symlink, listed in a .pth file."""
+    """Make `projects` (detrex's namespace package) importable without putting the detrex root
+    on sys.path: a folder holding only a `projects` symlink, listed in a .pth file."""
     checkout = detrex_checkout_guess(state, installed_from)
     if checkout is None:
         failures["detrex projects"] = (
-            "detrex is installed but its source tree (with projects/) was not found"
-        )
+            "detrex is installed but its source tree (with projects/) was not found; set "
+            "DETREX_SRC to it")
         return False
     target = checkout / "projects"
     for base in (state.get("purelib"), state.get("usersite")):
@@ -420,8 +559,7 @@ def ensure_projects_link(state, installed_from, failures):
         pth = base / (PTH_NAME + ".pth")
         try:
             if link.is_symlink() and Path(os.readlink(link)) == target and pth.is_file() and (
-                pth.read_text().strip() == str(link_dir)
-            ):
+                    pth.read_text().strip() == str(link_dir)):
                 return False  # already in place
             base.mkdir(parents=True, exist_ok=True)
             link_dir.mkdir(exist_ok=True)
@@ -437,9 +575,47 @@ def ensure_projects_link(state, installed_from, failures):
     return False
 
 
-def report(state, failures):
-    d2 = ok(state, "detectron2") and ok(state, "detectron2.config")
-    dx = ok(state, "detrex") and ok(state, "projects.dino.modeling")
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def layer_status(state, failures):
+    """{layer: None if available else reason}."""
+    out = {"core": None if ok(state, "torch") else err(state, "torch")}
+    if ok(state, "detectron2") and ok(state, "detectron2.config"):
+        out["detectron2"] = None
+    else:
+        out["detectron2"] = failures.get("detectron2") or (
+            import_failure_message("detectron2", state)
+            if (state.get("dists") or {}).get("detectron2") else err(state, "detectron2"))
+    if ok(state, "detrex") and ok(state, "projects.dino.modeling"):
+        out["detrex"] = None
+    elif ok(state, "detrex"):
+        out["detrex"] = failures.get("detrex projects") or (
+            "`import projects.dino.modeling` fails: " + err(state, "projects.dino.modeling"))
+    else:
+        out["detrex"] = failures.get("detrex") or (
+            import_failure_message("detrex", state)
+            if (state.get("dists") or {}).get("detrex") else err(state, "detrex"))
+    return out
+
+
+def required_layers():
+    """Layers named by STAGEINTERACTOR_REQUIRE_LAYERS ("all" = every layer)."""
+    raw = os.environ.get("STAGEINTERACTOR_REQUIRE_LAYERS", "").strip()
+    if not raw:
+        return []
+    names = [x.strip() for x in raw.replace(" ", ",").split(",") if x.strip()]
+    if names in (["all"], ["1"]):
+        return list(LAYERS)
+    bad = [n for n in names if n not in LAYERS]
+    if bad:
+        raise SystemExit("[setup] ERROR: STAGEINTERACTOR_REQUIRE_LAYERS names unknown layer(s) "
+                         "%s; use a comma list of %s, or all" % (", ".join(bad), ", ".join(LAYERS)))
+    return names
+
+
+def report(state, failures, status):
     m = state["mods"]
     say("-" * 72)
     where = "not installed; the make targets use this checkout via PYTHONPATH"
@@ -453,68 +629,98 @@ def report(state, failures):
     if (REPO / "projects" / "__init__.py").exists():
         say("WARNING: projects/__init__.py makes this repository's projects/ a regular package, "
             "which hides detrex's `projects` namespace (projects.dino, ...) when run from here")
-    if d2:
+    if status["detectron2"] is None:
         say("layer detectron2 : ready (detectron2 %s at %s)" % (
             m["detectron2"].get("version"), Path(m["detectron2"]["file"]).parent))
     else:
-        why = failures.get("detectron2") or err(state, "detectron2")
-        say("layer detectron2 : NOT AVAILABLE - " + why)
+        say("layer detectron2 : NOT AVAILABLE - " + status["detectron2"])
         say("    skipped because of it: the detectron2 test layer (tests/d2), the detrex "
             "layer (tests/detrex) and `make demo`")
-        say("    to provide it: DETECTRON2_SRC=/path/to/detectron2 make setup   "
-            "(a checkout or a git directory of %s)" % DEFAULT_URLS["detectron2"])
-    if dx:
-        paths = state.get("projects_path", [])
+        if "is installed but" not in status["detectron2"]:
+            say("    to provide it: DETECTRON2_SRC=/path/to/detectron2 make setup   "
+                "(a checkout or a git directory of %s)" % DEFAULT_URLS["detectron2"])
+    if status["detrex"] is None:
         say("layer detrex     : ready (detrex %s, projects from %s)" % (
-            m["detrex"].get("version"), ", ".join(paths)))
+            m["detrex"].get("version") or (state["dists"].get("detrex") or {}).get("version"),
+            ", ".join(state.get("projects_path", []))))
     else:
-        if not ok(state, "detrex"):
-            why = failures.get("detrex") or err(state, "detrex")
-        else:
-            why = failures.get("detrex projects") or (
-                "`import projects.dino.modeling` fails: " + err(state, "projects.dino.modeling"))
-        say("layer detrex     : NOT AVAILABLE - " + why)
+        say("layer detrex     : NOT AVAILABLE - " + status["detrex"])
         say("    skipped because of it: the detrex test layer (tests/detrex)")
-        say("    to provide it: DETREX_SRC=/path/to/detrex make setup   "
-            "(a checkout or a git directory of %s)" % DEFAULT_URLS["detrex"])
+        if "is installed but" not in status["detrex"] and "projects" not in status["detrex"]:
+            say("    to provide it: DETREX_SRC=/path/to/detrex make setup   "
+                "(a checkout or a git directory of %s)" % DEFAULT_URLS["detrex"])
+    say("demo pictures    : %s" % ("ready (cv2 %s)" % m["cv2"].get("version") if ok(state, "cv2")
+                                   else "NOT AVAILABLE - " + err(state, "cv2")))
+    onnx_ok = ok(state, "onnx") and ok(state, "onnxruntime")
+    say("ONNX export      : %s" % (
+        "ready (onnx %s, onnxruntime %s)" % (m["onnx"].get("version"),
+                                              m["onnxruntime"].get("version"))
+        if onnx_ok else "NOT AVAILABLE - " + (err(state, "onnx") if not ok(state, "onnx")
+                                              else err(state, "onnxruntime"))))
     say("-" * 72)
 
 
+def run_import_sweep():
+    """scripts/import_sweep.py in a fresh process of this interpreter; True when it passed."""
+    cmd = [sys.executable, str(REPO / "scripts" / "import_sweep.py"), "--root", str(REPO)]
+    say("$ " + " ".join(cmd[1:]))
+    r = subprocess.run(cmd, cwd=str(REPO), env=clean_env(), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
+    for line in r.stdout.rstrip().splitlines():
+        print("  " + line, flush=True)
+    return r.returncode == 0
+
+
 def main():
+    t0 = time.time()
+    need = required_layers()
+    skip = [n for n in ("detectron2", "detrex") if truthy(ENV_SKIP[n])]
+    if "detectron2" in skip and "detrex" not in skip:
+        skip.append("detrex")
     state = probe_env()
     failures = {}
-    changed = setup_core(state)
+    changed = install_requirements(skip_layers=skip)
+    changed = install_self(state) or changed
     if changed:
         state = probe_env()
 
-    d2_ready = ok(state, "detectron2") and ok(state, "detectron2.config")
-    if not d2_ready:
-        say("detectron2 is not importable (%s)" % err(state, "detectron2"))
-        if install_dep("detectron2", state, failures):
-            state = probe_env()
-            d2_ready = ok(state, "detectron2")
-            if not d2_ready:
-                failures["detectron2"] = "installed, but `import detectron2` still fails: " + err(
-                    state, "detectron2")
-
-    installed_from = None
-    if not ok(state, "detrex"):
-        if not d2_ready:
+    for name in ("detectron2", "detrex"):
+        importable = ok(state, name) and (name != "detectron2" or ok(state, "detectron2.config"))
+        installed = bool((state.get("dists") or {}).get(name))
+        if importable:
+            continue
+        if name == "detrex" and layer_status(state, failures)["detectron2"] is not None:
             failures["detrex"] = "needs detectron2, which is not available"
-        else:
-            say("detrex is not importable (%s)" % err(state, "detrex"))
-            if ensure_detrex_runtime_deps(state):
-                state = probe_env()
-            installed_from = install_dep("detrex", state, failures)
-            if installed_from:
-                state = probe_env()
-    if ok(state, "detrex") and not ok(state, "projects.dino.modeling"):
-        fixed = ensure_detrex_runtime_deps(state)
-        fixed = ensure_projects_link(state, installed_from, failures) or fixed
-        if fixed:
+            continue
+        if installed:
+            # installed but broken: rebuilding would not help; the report names the module
+            continue
+        say("%s is not installed" % name)
+        src = install_dep(name, state, failures)
+        if src is not None:
             state = probe_env()
-    report(state, failures)
-    return 0
+            if name == "detrex" and ok(state, "detrex") and not ok(state, "projects.dino.modeling"):
+                if ensure_projects_link(state, src, failures):
+                    state = probe_env()
+    if ok(state, "detrex") and not ok(state, "projects.dino.modeling"):
+        if ensure_projects_link(state, None, failures):
+            state = probe_env()
+
+    status = layer_status(state, failures)
+    report(state, failures, status)
+    rc = 0
+    if not run_import_sweep():
+        say("ERROR: the import sweep failed: a module of stageinteractor/ or tools/ imports a "
+            "package that is not installed (above). Add it to pyproject.toml (dependencies or "
+            "the right extra) so that the set-up step installs it.")
+        rc = 1
+    missing = [n for n in need if status.get(n) is not None]
+    if missing:
+        say("ERROR: STAGEINTERACTOR_REQUIRE_LAYERS=%s, but layer(s) %s are not available" % (
+            os.environ.get("STAGEINTERACTOR_REQUIRE_LAYERS"), ", ".join(missing)))
+        rc = 1
+    say("set-up %s in %.0f s" % ("done" if rc == 0 else "FAILED", time.time() - t0))
+    return rc
 
 
 if __name__ == "__main__":

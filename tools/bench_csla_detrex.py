@@ -32,6 +32,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from stageinteractor.requirements import require  # noqa: E402
+
+require("tools/bench_csla_detrex.py", "detectron2", "detrex", "projects")
+
 
 def _time(fn: Callable[[], None]) -> float:
     t0 = time.perf_counter()

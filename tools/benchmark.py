@@ -34,6 +34,9 @@
   decoder inference (query generator, stages, top-k; no backbone/neck) and of the forward of one
   training step (decoder + criterion as configured), per stage and per op; counted at
   min(H, 256) x min(W, 384) (the count depends on the code path, not on the image size).
+  Also the host syncs (``stageinteractor.d2.sync_count``: scalar reads, device->host and
+  blocking host->device copies, data-dependent shapes) of one whole training step and one
+  inference at ``--batch-size``, same size (JSON ``host_syncs``).
 * Load: 1-minute load average and the CPU share used by *other* processes during the run
   (``/proc/stat`` busy time minus this process's and its children's CPU time, over wall time x
   cores); a warning is printed when the machine is busy. ``--stress N`` starts N CPU-bound
@@ -60,7 +63,8 @@ JSON (``--json``): ``{"settings", "load", "a", "b", "ratios", "stress", "officia
 ``stress.roofline``: sgemm rate idle and stressed); ``a``/``b`` hold
 ``params``, ``flops``, ``inference_images_per_s``, ``train_step_s``, ``train_peak_memory_bytes``
 (medians; ``*_spread`` dicts alongside), ``decoder_only_s``, ``decoder_aten_calls``,
-``decoder_aten_calls_train``, ``decoder_aten_calls_by_op`` (+ ``_by_stage``) and ``load_info``.
+``decoder_aten_calls_train``, ``decoder_aten_calls_by_op`` (+ ``_by_stage``), ``host_syncs``
+(``{"train_step": {...}, "inference": {...}}``) and ``load_info``.
 """
 
 import argparse
@@ -438,6 +442,19 @@ def count_ops(model, h: int, w: int) -> Dict[str, Any]:
     }
 
 
+def count_syncs(model, batch_size: int, h: int, w: int) -> Optional[Dict[str, Any]]:
+    """Host syncs (``stageinteractor.d2.sync_count``) of one training step and one inference at
+    ``batch_size`` x h x w; None (logged) when the model cannot run them."""
+    from stageinteractor.d2.sync_count import count_host_syncs
+
+    log(f"counting host syncs (batch {batch_size}, {h}x{w})")
+    try:
+        return count_host_syncs(model, make_batch(model, batch_size, h, w))
+    except Exception as e:  # noqa: BLE001 - e.g. a detrex model that needs more queries
+        log(f"host-sync count failed: {type(e).__name__}: {e}")
+        return None
+
+
 # ------------------------------------------------------------------------------------ timing
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
@@ -784,11 +801,24 @@ def measure_memory_cuda(
 
 # ------------------------------------------------------------------------------------ main
 def parse_args(argv=None):
+    class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """keeps the description's line breaks and shows every option's default"""
+
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n")[0],
+        formatter_class=_Formatter,
+        epilog="examples:\n"
+        "  python tools/benchmark.py --config-file configs/stageinteractor/"
+        "stageinteractor_r50_100q_1x.py \\\n"
+        "      --compare-config configs/adamixer/adamixer_r50_100q_1x.py --train --threads 2\n"
+        "  python tools/benchmark.py --config-file configs/stageinteractor/"
+        "stageinteractor_r50_100q_1x.py \\\n"
+        "      --decoder-only --count-ops --iters 20 --json decoder.json\n"
+        "See the module docstring (top of tools/benchmark.py) for what each figure measures.",
     )
-    p.add_argument("--config-file", required=True)
-    p.add_argument("--compare-config", default=None)
+    p.add_argument("--config-file", required=True, help="LazyConfig of model A")
+    p.add_argument("--compare-config", default=None,
+                   help="LazyConfig of model B, measured interleaved with A (none: A only)")
     p.add_argument(
         "--compare-opts",
         nargs="*",
@@ -796,20 +826,24 @@ def parse_args(argv=None):
         metavar="KEY=VALUE",
         help="overrides for B only (B = A's config when --compare-config is absent)",
     )
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--image-size", nargs=2, type=int, default=(800, 1216), metavar=("H", "W"))
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run")
+    p.add_argument("--image-size", nargs=2, type=int, default=(800, 1216), metavar=("H", "W"),
+                   help="synthetic input image size")
+    p.add_argument("--batch-size", type=int, default=1, help="images per call")
+    p.add_argument("--iters", type=int, default=10, help="timed calls per model")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per model first")
     p.add_argument("--train", action="store_true", help="also time training steps and peak memory")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the decoder (whole model for others)"
     )
-    p.add_argument("--json", default=None, metavar="PATH")
-    p.add_argument("--count-ops", action="store_true")
-    p.add_argument("--stress", type=int, default=0, metavar="N")
-    p.add_argument("--decoder-only", action="store_true")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    p.add_argument("--count-ops", action="store_true",
+                   help="count aten calls of one decoder inference and one training forward")
+    p.add_argument("--stress", type=int, default=0, metavar="N",
+                   help="also measure with N CPU-bound worker processes running (0 = no)")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="time only the decoder (+ top-k) on precomputed neck outputs")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument(
         "--memory-repeats",
@@ -989,6 +1023,7 @@ def _main(args, official: Optional["OfficialReference"], off_skip: Optional[str]
                     f"{n}: --count-ops needs a StageInteractor-style model (decoder.stages); "
                     "skipped"
                 )
+            res[n]["host_syncs"] = count_syncs(m, args.batch_size, min(h, 256), min(w, 384))
     if args.compile:
         for n, m in models.items():
             if is_stageinteractor(m):
@@ -1201,6 +1236,11 @@ def _main(args, official: Optional["OfficialReference"], off_skip: Optional[str]
             )
             top = list(res[n]["decoder_aten_calls_by_op"].items())[:15]
             print(f"{n}: top ops (inference): " + ", ".join(f"{k}={v}" for k, v in top))
+    for n in names:
+        for what, c in (res[n].get("host_syncs") or {}).items():
+            print(f"{n}: host syncs per {what.replace('_', ' ')}: {c['total']} ("
+                  + ", ".join(f"{k} {c[k]}" for k in ("scalar", "to_cpu", "to_gpu", "data_dep"))
+                  + f"; non-blocking host->device copies {c['to_gpu_async']})")
     if "skipped" in official_res:
         print(f"authors' reference: skipped - {official_res['skipped']}")
     else:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Convert the authors' StageInteractor checkpoints (mmdet 2.12 fork) to this project's layout.
+r"""Convert the authors' StageInteractor checkpoints (mmdet 2.12 fork) to this project's layout.
 
 Usage::
 
@@ -30,6 +30,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from stageinteractor.requirements import require  # noqa: E402
+
+require("tools/convert_official_checkpoint.py", "detectron2")
 
 from stageinteractor.d2.official_checkpoint import (  # noqa: E402
     ConversionError,

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Run a StageInteractor LazyConfig on images and draw the detections.
+r"""Run a StageInteractor LazyConfig on images and draw the detections.
 
-Examples::
+Examples (the first one works after `make demo`, which writes the dataset and checkpoint):
 
     python tools/demo.py --config-file configs/demo/stageinteractor_demo.py \
-        --input datasets/demo/val/ --output out/ train.init_checkpoint=output/demo/model_final.pth
+        --input datasets/stageinteractor_demo/val --output output/demo/my_vis --sampling-points \
+        train.init_checkpoint=output/demo/stageinteractor/model_final.pth
 
     python tools/demo.py --config-file configs/stageinteractor/stageinteractor_r50_100q_1x.py \
         --input a.jpg b.jpg --output out/ --confidence-threshold 0.4 --sampling-points \
@@ -28,6 +29,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from stageinteractor.requirements import require  # noqa: E402
+
+require("tools/demo.py", "detectron2", "cv2")  # detectron2's Visualizer imports cv2
+
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402
@@ -43,15 +48,18 @@ PALETTE = [
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """keeps the examples' line breaks and shows the defaults"""
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
     p.add_argument("--config-file", required=True, help="LazyConfig .py file")
     p.add_argument("--checkpoint", default=None, help="weights (same as train.init_checkpoint=...)")
     p.add_argument("--input", nargs="+", required=True, help="image files and/or folders")
     p.add_argument("--output", required=True, help="output folder")
-    p.add_argument("--confidence-threshold", type=float, default=0.3)
+    p.add_argument("--confidence-threshold", type=float, default=0.3, help="detections drawn")
     p.add_argument("--sampling-points", action="store_true", help="also draw per-stage sampling points")
     p.add_argument("--num-queries", type=int, default=4, help="queries drawn with --sampling-points")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--min-size", type=int, default=None, help="test short side (default: from config)")
     p.add_argument("--max-size", type=int, default=None, help="test long side limit (default: from config)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="LazyConfig overrides key=value")

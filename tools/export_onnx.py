@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Export a StageInteractor LazyConfig (whole detector) to ONNX; optionally check onnxruntime
+r"""Export a StageInteractor LazyConfig (whole detector) to ONNX; optionally check onnxruntime
 against PyTorch on real images.
 
 Examples::
@@ -42,6 +42,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from stageinteractor.requirements import require  # noqa: E402
+
+require("tools/export_onnx.py", "detectron2", "onnx", "onnxruntime")
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402

@@ -15,6 +15,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from stageinteractor.requirements import require  # noqa: E402
+
+require("tools/make_demo_dataset.py", "detectron2")
+
 from stageinteractor.d2.data.demo_dataset import (  # noqa: E402
     DemoDatasetSpec,
     default_datasets_root,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Plot label instability per consecutive decoder-stage pair over training (paper Fig. 7 layout).
+r"""Plot label instability per consecutive decoder-stage pair over training (paper Fig. 7 layout).
 
 Usage::
 

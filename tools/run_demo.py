@@ -40,6 +40,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from stageinteractor.requirements import require  # noqa: E402
+
+# the demo trains with detectron2 and draws its pictures with tools/demo.py (cv2)
+require("tools/run_demo.py", "detectron2", "cv2")
+
 MODELS = ("stageinteractor", "adamixer")
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 

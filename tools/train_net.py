@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train / evaluate a LazyConfig model on detectron2's engine (StageInteractor and detrex).
+r"""Train / evaluate a LazyConfig model on detectron2's engine (StageInteractor and detrex).
 
     python tools/train_net.py --config-file configs/demo/stageinteractor_demo.py \
         [--num-gpus N] [--resume] [--eval-only] [key=value ...] [+new.key=value ...]
@@ -29,6 +29,10 @@ import sys
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
+
+from stageinteractor.requirements import require  # noqa: E402
+
+require("tools/train_net.py", "detectron2")
 
 
 def _add_detrex_root() -> None:

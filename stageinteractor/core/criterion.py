@@ -15,7 +15,7 @@ Per stage s (spec §4.3), with N_pos the stage's own Hungarian positives and T i
 official code, which can divide by zero).
 """
 
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -26,7 +26,43 @@ from .diagnostics import label_instability, positive_counts
 from .losses import giou_loss, l1_loss, sigmoid_focal_loss
 from .matcher import HungarianMatcher, image_size_scale
 
-__all__ = ["StageInteractorCriterion", "reduce_mean_across_processes"]
+__all__ = ["StageInteractorCriterion", "reduce_mean_across_processes", "LazyStats"]
+
+
+class LazyStats(Mapping):
+    """Read-only ``{name: python float}`` whose values stay in one device tensor until read.
+
+    Building the diagnostics costs no host sync; the first read of any value copies the whole
+    ``values`` tensor to the host once (one sync), later reads are free. Code that forwards
+    the statistics without reading them (the trainer, which copies them with the losses in
+    one transfer) uses :attr:`names` and :attr:`tensor` directly.
+
+    Attributes:
+        names: the statistic names, in order.
+        tensor: (len(names),) float tensor on the device, detached.
+    """
+
+    def __init__(self, names: Sequence[str], values: Tensor):
+        self.names = list(names)
+        self.tensor = values.detach()
+        self._host: Optional[Dict[str, float]] = None
+
+    def _read(self) -> Dict[str, float]:
+        if self._host is None:
+            self._host = dict(zip(self.names, (float(v) for v in self.tensor.cpu().tolist())))
+        return self._host
+
+    def __getitem__(self, key: str) -> float:
+        return self._read()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)  # keys need no device read
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        return f"LazyStats({self._read()!r})"
 
 
 def reduce_mean_across_processes(x: Tensor) -> Tensor:
@@ -41,9 +77,10 @@ def reduce_mean_across_processes(x: Tensor) -> Tensor:
 class StageInteractorCriterion(nn.Module):
     """Losses of all decoder stages.
 
-    After each forward, ``self.last_stats`` holds python-float diagnostics (``num_pos_s{s}``,
+    After each forward, ``self.last_stats`` maps the diagnostics (``num_pos_s{s}``,
     ``num_csla_pos_s{s}``, ``num_extra_pos_s{s}``, ``num_dropped_pos_s{s}``,
-    ``label_instability_s{s}_s{s+1}``), and ``self.last_matches`` (S, B, N),
+    ``label_instability_s{s}_s{s+1}``) to python floats (a :class:`LazyStats`: computed on
+    the device, copied to the host on first read), and ``self.last_matches`` (S, B, N),
     ``self.last_targets`` (S, B, N, K), ``self.last_normalizers`` (S, 2) [n_cls, n_box] keep the
     tensors of the last call (detached) for parity tests and tools.
     """
@@ -85,7 +122,7 @@ class StageInteractorCriterion(nn.Module):
         self.focal_alpha = float(focal_alpha)
         self.focal_gamma = float(focal_gamma)
         self.stage_weights = None if stage_weights is None else [float(w) for w in stage_weights]
-        self.last_stats: Dict[str, float] = {}
+        self.last_stats: Mapping[str, float] = {}
         self.last_matches: Optional[Tensor] = None
         self.last_targets: Optional[Tensor] = None
         self.last_normalizers: Optional[Tensor] = None
@@ -162,7 +199,10 @@ class StageInteractorCriterion(nn.Module):
         G = gt_boxes.shape[1]
 
         matches = self.match_all(logits, boxes, gt_boxes, gt_classes, gt_mask, image_sizes)
-        targets = self.assigner(matches, boxes.detach(), gt_boxes, gt_classes, gt_mask)
+        # the matcher has checked the classes of the real objects: no second (syncing) check
+        targets = self.assigner(
+            matches, boxes.detach(), gt_boxes, gt_classes, gt_mask, validate=False
+        )
 
         # Normalisers of all stages in one all-reduce: [n_cls, n_box] per stage.
         pos = matches >= 0  # (S, B, N)
@@ -212,25 +252,21 @@ class StageInteractorCriterion(nn.Module):
         self.last_normalizers = norms.detach()
         counts = positive_counts(matches, targets, gt_classes)
         instab = label_instability(matches, gt_mask)
-        # One device->host copy for all statistics.
-        packed = (
-            torch.cat(
-                [
-                    counts["hungarian"],
-                    counts["csla"],
-                    counts["extra"],
-                    counts["dropped"],
-                    instab.float(),
-                ]
-            )
-            .cpu()
-            .tolist()
+        # All statistics in one device tensor; copied to the host only when read.
+        packed = torch.cat(
+            [
+                counts["hungarian"],
+                counts["csla"],
+                counts["extra"],
+                counts["dropped"],
+                instab.float(),
+            ]
         )
         S = matches.shape[0]
-        stats: Dict[str, float] = {}
-        for k, name in enumerate(["num_pos", "num_csla_pos", "num_extra_pos", "num_dropped_pos"]):
-            for s in range(S):
-                stats[f"{name}_s{s}"] = float(packed[k * S + s])
-        for s in range(S - 1):
-            stats[f"label_instability_s{s}_s{s + 1}"] = float(packed[4 * S + s])
-        self.last_stats = stats
+        names = [
+            f"{name}_s{s}"
+            for name in ["num_pos", "num_csla_pos", "num_extra_pos", "num_dropped_pos"]
+            for s in range(S)
+        ]
+        names += [f"label_instability_s{s}_s{s + 1}" for s in range(S - 1)]
+        self.last_stats = LazyStats(names, packed)

@@ -226,9 +226,10 @@ class StageInteractorDecoder(nn.Module):
             # graph keeps H, W symbolic (new_tensor would bake the trace-time size in)
             pad = torch._shape_as_tensor(f0)[2:].to(f0.device, torch.float32) * self.feature_strides[0]
         else:
-            pad = f0.new_tensor(
+            # built on the host, sent with a non-blocking copy (new_tensor would be a blocking one)
+            pad = torch.tensor(
                 [f0.shape[2] * self.feature_strides[0], f0.shape[3] * self.feature_strides[0]], dtype=torch.float32
-            )
+            ).to(f0.device, non_blocking=True)
         sizes = torch.clamp(image_sizes.to(torch.float32), min=self.one, max=pad)
         q, xyzr, wh, boxes = self.query_generator(sizes)
         sampler = self.stages[0].sampler

@@ -9,8 +9,9 @@ The cost between query ``q`` and ground truth ``g`` is
 * ``C_giou = -w_giou * GIoU(box_q, gt_g)`` on absolute xyxy boxes.
 
 The costs of all images are computed in one batched pass as a ``(B, N, G)`` tensor, moved to the
-CPU once, and ``scipy.optimize.linear_sum_assignment`` is solved per image on the columns of its
-real objects.
+CPU once (with the input checks, one host sync per call), and
+``scipy.optimize.linear_sum_assignment`` is solved per image on the columns of its real objects;
+the matches go back to the device with a non-blocking copy.
 """
 
 import numpy as np
@@ -145,33 +146,50 @@ class HungarianMatcher(nn.Module):
         Raises:
             ValueError: if a cost of a real object is NaN or infinite.
         """
-        B, N, _ = logits.shape
+        B, N, K = logits.shape
         G = gt_boxes.shape[1]
-        matches = torch.full((B, N), -1, dtype=torch.long)
-        if G == 0 or N == 0 or not bool(gt_mask.any()):
-            return matches.to(logits.device)
+        if G == 0 or N == 0:
+            return torch.full((B, N), -1, dtype=torch.long, device=logits.device)
 
-        K = logits.shape[-1]
-        real_cls = gt_classes[gt_mask.to(torch.bool)]
-        if bool(((real_cls < 0) | (real_cls >= K)).any()):
-            raise ValueError(f"HungarianMatcher: a ground-truth class is outside [0, {K})")
+        # Everything the host needs, in ONE device->host copy (one sync per call): the
+        # (B, N, G) costs with padded columns zeroed, the gt mask, and per-entry flags of real
+        # objects with a class outside [0, K) and of non-finite costs. The checks are done on
+        # the host copy, so they cost no extra sync.
+        mask = gt_mask.to(torch.bool)
         cost = self.cost_matrix(logits, boxes, gt_boxes, gt_classes, image_sizes)
-        mask = gt_mask.to(torch.bool)[:, None, :].expand_as(cost)
-        cost = cost.masked_fill(~mask, 0.0)
-        if not bool(torch.isfinite(cost).all()):
-            bad = (~torch.isfinite(cost)).nonzero()[0].tolist()
+        real = mask[:, None, :].expand_as(cost)
+        bad_cost = real & ~torch.isfinite(cost)
+        cls = gt_classes.long()
+        bad_cls = mask & ((cls < 0) | (cls >= K))
+        packed = torch.cat(
+            [
+                cost.masked_fill(~real, 0.0).flatten(),
+                mask.flatten().to(cost.dtype),
+                bad_cls.flatten().to(cost.dtype),
+                bad_cost.flatten().to(cost.dtype),
+            ]
+        )
+        host = packed.cpu().numpy()
+        n_cost, n_mask = B * N * G, B * G
+        cost_np = host[:n_cost].reshape(B, N, G)
+        mask_np = host[n_cost : n_cost + n_mask].reshape(B, G) > 0
+        if host[n_cost + n_mask : n_cost + 2 * n_mask].any():
+            raise ValueError(f"HungarianMatcher: a ground-truth class is outside [0, {K})")
+        bad = host[n_cost + 2 * n_mask :].reshape(B, N, G)
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
             raise ValueError(
                 "HungarianMatcher: non-finite matching cost (NaN/inf) at (image, query, gt) "
-                f"= {tuple(bad)}; check the logits and boxes of that query / gt."
+                f"= {where}; check the logits and boxes of that query / gt."
             )
-        cost_cpu = cost.cpu().numpy()
-        mask_cpu = gt_mask.to(torch.bool).cpu().numpy()
 
         out = np.full((B, N), -1, dtype=np.int64)
         for b in range(B):
-            cols = np.nonzero(mask_cpu[b])[0]
+            cols = np.nonzero(mask_np[b])[0]
             if cols.size == 0:
                 continue
-            rows, sel = linear_sum_assignment(cost_cpu[b][:, cols])
+            rows, sel = linear_sum_assignment(cost_np[b][:, cols])
             out[b, rows] = cols[sel]
-        return torch.from_numpy(out).to(logits.device)
+        # an asynchronous copy back: the host buffer is a fresh numpy array, kept alive by
+        # the tensor that wraps it until the copy has been issued
+        return torch.from_numpy(out).to(logits.device, non_blocking=True)

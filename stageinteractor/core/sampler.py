@@ -160,7 +160,10 @@ class PointSampler(nn.Module):
                     wh = torch._shape_as_tensor(feat)[-2:].flip(0).to(feat.device, torch.float32)
                     cache[size] = 2.0 / (wh * float(self.strides[lvl]))
                 else:
-                    cache[size] = feat.new_tensor([2.0 / size[0], 2.0 / size[1]], dtype=torch.float32)
+                    # host-built, non-blocking copy (new_tensor would block the host)
+                    cache[size] = torch.tensor([2.0 / size[0], 2.0 / size[1]], dtype=torch.float32).to(
+                        feat.device, non_blocking=True
+                    )
             scales.append(cache[size])
         return scales
 

@@ -5,7 +5,8 @@
   only after the checkpoint file is complete. A checkpoint killed mid-write is therefore never
   the one ``--resume`` picks, and a tag pointing at a missing file is ignored.
 * :class:`Trainer`: detectron2's ``SimpleTrainer`` plus AMP (CUDA float16 with a GradScaler, or
-  CPU bfloat16 autocast), global-L2 gradient clipping and per-iteration re-seeding: before step
+  CPU bfloat16 autocast), global-L2 gradient clipping, one device->host copy per step for all
+  logged scalars (losses, the model's diagnostics, gradient norm), and per-iteration re-seeding: before step
   ``i`` the torch/numpy/python RNGs are seeded from ``(seed, i, rank)``, so any randomness in the
   model is a function of the iteration and a resumed run reproduces an uninterrupted one.
 * :func:`create_ddp_model`: DistributedDataParallel that also works for CPU (gloo) processes.
@@ -32,9 +33,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import SimpleTrainer
 from detectron2.utils import comm
-from detectron2.utils.events import get_event_storage
 
 from .checkpoint import ImageNetInitMixin
+from .deferred_scalars import deferring, take_pending, write_scalars
 
 __all__ = ["ConfigError", "CheckpointFileError", "AtomicCheckpointer", "Trainer",
            "create_ddp_model", "apply_overrides_strict", "check_checkpoint_file",
@@ -196,12 +197,13 @@ class Trainer(SimpleTrainer):
         if self.seed is not None:
             self._reseed()
 
-        with self._autocast():
+        with self._autocast(), deferring():  # the model's device scalars wait for one copy
             loss_dict = self.model(data)
             if isinstance(loss_dict, torch.Tensor):
                 losses, loss_dict = loss_dict, {"total_loss": loss_dict}
             else:
                 losses = sum(loss_dict.values())
+            self._pending_scalars = take_pending()
 
         self.optimizer.zero_grad()
         if self.grad_scaler is not None:
@@ -217,7 +219,7 @@ class Trainer(SimpleTrainer):
                       if p.grad is not None]
             if params:
                 norm = torch.nn.utils.clip_grad_norm_(params, **self.clip_grad)
-                get_event_storage().put_scalar("grad_norm", float(norm), smoothing_hint=False)
+                self._pending_scalars.append((["grad_norm"], norm.detach().reshape(1), False))
 
         self._write_metrics(loss_dict, data_time)
         if self.grad_scaler is not None:
@@ -225,6 +227,31 @@ class Trainer(SimpleTrainer):
             self.grad_scaler.update()
         else:
             self.optimizer.step()
+
+    def _write_metrics(self, loss_dict, data_time: float, prefix: str = "",
+                       iter: Optional[int] = None) -> None:
+        """detectron2's metrics (losses, ``total_loss``, ``data_time``, the non-finite loss
+        check) plus the step's queued device scalars (diagnostics, ``grad_norm``), with ONE
+        device->host copy for all of them (detectron2 copies each loss on its own)."""
+        pending, self._pending_scalars = getattr(self, "_pending_scalars", []), []
+        iter = self.iter if iter is None else iter
+        if (iter + 1) % self.gather_metric_period != 0:
+            return
+        names = list(loss_dict)
+        parts = [torch.stack([v.detach().float().reshape(()) for v in loss_dict.values()])]
+        parts += [v.float() for _, v, _ in pending]
+        host = torch.cat([p.to(parts[0].device) for p in parts]).cpu().tolist()
+        # host tensors: detectron2's `.cpu().item()` on them is free
+        host_losses = {n: torch.tensor(host[i], dtype=torch.float64) for i, n in enumerate(names)}
+        try:
+            SimpleTrainer.write_metrics(host_losses, data_time, iter, prefix)
+        except Exception:
+            logger.exception("Exception in writing metrics: ")
+            raise
+        k = len(names)
+        for extra_names, values, hint in pending:
+            write_scalars(extra_names, host[k:k + len(extra_names)], hint)
+            k += len(extra_names)
 
     def state_dict(self):
         ret = super().state_dict()

@@ -36,6 +36,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage, has_event_storage
 
 from ..core.postprocess import topk_detections
+from .deferred_scalars import put_device_scalars
 
 __all__ = ["StageInteractor", "rescale_boxes"]
 
@@ -49,8 +50,9 @@ def rescale_boxes(boxes: Tensor, input_size: Sequence[int], output_size: Sequenc
     """
     in_h, in_w = float(input_size[0]), float(input_size[1])
     out_h, out_w = float(output_size[0]), float(output_size[1])
-    scale = boxes.new_tensor([out_w / in_w, out_h / in_h, out_w / in_w, out_h / in_h])
-    return boxes * scale
+    # host-built factors, non-blocking copy (new_tensor would block the host on a GPU)
+    scale = torch.tensor([out_w / in_w, out_h / in_h, out_w / in_w, out_h / in_h], dtype=boxes.dtype)
+    return boxes * scale.to(boxes.device, non_blocking=True)
 
 
 class StageInteractor(nn.Module):
@@ -144,7 +146,9 @@ class StageInteractor(nn.Module):
                     f"StageInteractor: batched_inputs[{i}]['image'] must be a (3, H, W) tensor, "
                     f"got shape {tuple(img.shape)}"
                 )
-            images.append((img.to(self.device, torch.float32) - self.pixel_mean) / self.pixel_std)
+            # non-blocking copy of the uint8 image (no host sync), then float on the device
+            img = img.to(self.device, non_blocking=True).to(torch.float32)
+            images.append((img - self.pixel_mean) / self.pixel_std)
         return ImageList.from_tensors(images, self.size_divisibility)
 
     def prepare_targets(self, batched_inputs: List[Dict]) -> Tuple[Tensor, Tensor, Tensor]:
@@ -153,6 +157,8 @@ class StageInteractor(nn.Module):
         Returns ``gt_boxes`` (B, G, 4) float xyxy absolute, ``gt_classes`` (B, G) long,
         ``gt_mask`` (B, G) bool, with G = max objects in the batch (0 allowed).
         """
+        # Padded on the host, sent in ONE non-blocking copy: (B, G, 6) = box, class, mask.
+        # (Classes travel as float32: exact below 2**24.)
         per_image = []
         for i, x in enumerate(batched_inputs):
             if "instances" not in x:
@@ -162,24 +168,25 @@ class StageInteractor(nn.Module):
                 )
             inst = x["instances"]
             boxes = inst.gt_boxes.tensor if isinstance(inst.gt_boxes, Boxes) else inst.gt_boxes
-            per_image.append((boxes.to(self.device, torch.float32), inst.gt_classes.to(self.device)))
+            per_image.append((boxes, inst.gt_classes))
         num_images = len(per_image)
         max_gt = max((b.shape[0] for b, _ in per_image), default=0)
-        gt_boxes = torch.zeros(num_images, max_gt, 4, device=self.device)
-        gt_classes = torch.zeros(num_images, max_gt, dtype=torch.long, device=self.device)
-        gt_mask = torch.zeros(num_images, max_gt, dtype=torch.bool, device=self.device)
+        packed = torch.zeros(num_images, max_gt, 6)
         for b, (boxes, classes) in enumerate(per_image):
             n = boxes.shape[0]
-            gt_boxes[b, :n] = boxes
-            gt_classes[b, :n] = classes.long()
-            gt_mask[b, :n] = True
+            packed[b, :n, :4] = boxes.cpu()  # no-op for the data loader's host tensors
+            packed[b, :n, 4] = classes.cpu().to(torch.float32)
+            packed[b, :n, 5] = 1.0
+        packed = packed.to(self.device, non_blocking=True)
+        gt_boxes = packed[..., :4].contiguous()
+        gt_classes = packed[..., 4].long()
+        gt_mask = packed[..., 5] > 0
         return gt_boxes, gt_classes, gt_mask
 
     @staticmethod
     def _image_sizes_tensor(images: ImageList) -> Tensor:
-        return torch.as_tensor(
-            [list(s) for s in images.image_sizes], dtype=torch.float32, device=images.tensor.device
-        ).view(-1, 2)
+        sizes = torch.tensor([list(s) for s in images.image_sizes], dtype=torch.float32).view(-1, 2)
+        return sizes.to(images.tensor.device, non_blocking=True)
 
     # ------------------------------------------------------------------ model
     def extract_features(self, images: Tensor) -> List[Tensor]:
@@ -240,9 +247,16 @@ class StageInteractor(nn.Module):
         return losses
 
     def _log_stats(self) -> None:
-        """Put ``criterion.last_stats`` into the event storage (never into the loss dict)."""
+        """Put ``criterion.last_stats`` into the event storage (never into the loss dict).
+
+        Statistics still on the device (:class:`~stageinteractor.core.criterion.LazyStats`) go
+        through :func:`~stageinteractor.d2.deferred_scalars.put_device_scalars`: the trainer
+        copies them with the losses (no host sync here)."""
         stats = getattr(self.criterion, "last_stats", None)
         if not stats or not has_event_storage():
+            return
+        if isinstance(getattr(stats, "tensor", None), Tensor) and hasattr(stats, "names"):
+            put_device_scalars([self.stats_prefix + str(n) for n in stats.names], stats.tensor)
             return
         scalars = {}
         for name, value in stats.items():

@@ -214,22 +214,29 @@ class CSLAMixin:
                 gt_boxes[b, :n] = _cxcywh_to_xyxy(t["boxes"].detach().float())
                 gt_classes[b, :n] = t["labels"].long()
                 gt_mask[b, :n] = True
-        matches = torch.full((num_stages, batch, num_queries), -1, dtype=torch.long, device=device)
+        # detrex's matcher returns host index tensors: fill on the host, then ONE non-blocking
+        # copy (instead of two blocking copies per stage and image)
+        matches = torch.full((num_stages, batch, num_queries), -1, dtype=torch.long)
         for s, per_image in enumerate(indices):
             for b, (src, tgt) in enumerate(per_image):
-                matches[s, b, src.to(device)] = tgt.to(device=device, dtype=torch.long)
+                matches[s, b, src.cpu()] = tgt.cpu().long()
+        matches = matches.to(device, non_blocking=True)
         pred_boxes = torch.stack(
             [_cxcywh_to_xyxy(st["pred_boxes"].detach().float()) for st in stages]
         )
-        multi_hot = self.assigner(matches, pred_boxes, gt_boxes, gt_classes, gt_mask)
+        # detrex's matcher indexed its costs with these labels and indices: no second check
+        multi_hot = self.assigner(
+            matches, pred_boxes, gt_boxes, gt_classes, gt_mask, validate=False
+        )
 
-        norms: List[Optional[float]] = [None] * num_stages
+        # normalisers stay 0-dim device tensors (detrex's focal loss divides by them): no sync
+        norms: List[Optional[torch.Tensor]] = [None] * num_stages
         counts = torch.stack(
             [multi_hot.flatten(1).sum(1), (matches >= 0).flatten(1).sum(1).float()]
         )
         if self.csla_cls_norm == "max_positives":
             world = _dist_sum_(counts)  # every rank, every call: collectives stay in lockstep
-            norms = (counts.max(0).values / world).clamp(min=1).tolist()
+            norms = list((counts.max(0).values / world).clamp(min=1).unbind(0))
 
         for s, stage in enumerate(stages):
             self.matcher.cache.append((stage["pred_logits"], indices[s]))
@@ -264,18 +271,20 @@ class CSLAMixin:
 
     # ------------------------------------------------------------------ diagnostics
     def _log_diagnostics(self, prefix, multi_hot, matches, gt_mask) -> None:
-        storage = _storage_or_none()
-        if storage is None:
+        """Positives per image and label instability per stage pair, as device scalars: the
+        trainer of this project copies them with the losses (no host sync here)."""
+        if _storage_or_none() is None:
             return
         from stageinteractor.core.diagnostics import label_instability
+        from stageinteractor.d2.deferred_scalars import put_device_scalars
 
+        S = multi_hot.shape[0]
         positives = multi_hot.flatten(1).sum(1) / max(multi_hot.shape[1], 1)  # per image
-        for s, v in enumerate(positives.tolist()):
-            storage.put_scalar(f"{prefix}/positives_s{s}", v)
-        if matches.shape[0] > 1:
-            instab = label_instability(matches, gt_mask)
-            for s, v in enumerate(torch.as_tensor(instab).tolist()):
-                storage.put_scalar(f"{prefix}/instability_s{s}_s{s + 1}", float(v))
+        put_device_scalars([f"{prefix}/positives_s{s}" for s in range(S)], positives, True)
+        if S > 1:
+            instab = label_instability(matches, gt_mask).float()
+            names = [f"{prefix}/instability_s{s}_s{s + 1}" for s in range(S - 1)]
+            put_device_scalars(names, instab, True)
 
     def extra_csla_repr(self) -> str:
         return (

@@ -1,6 +1,6 @@
 """Numerical parity with the authors' StageInteractor code (issue 8).
 
-Fixture: ``shared/fixtures/official_decoder_parity`` (README there). Its weights and input
+Fixture: ``tests/fixtures/official_decoder_parity`` (README there). Its weights and input
 feature maps are a formula of the official key names; :mod:`stageinteractor.core.testing.
 official_fixture` regenerates them, :mod:`stageinteractor.core.official_layout` converts the
 authors' decoder state dict to ours, and the outputs of our decoder and criterion are compared

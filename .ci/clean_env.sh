@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The README's two commands on a plain clone in an empty virtual environment (`make ci-clean`).
+#
+#   1. `git clone` of this checkout's HEAD into a temporary folder (nothing beside it: no shared/);
+#      CI_CLEAN_WORKTREE=1 copies the working tree instead (tracked + untracked, not ignored
+#      files), to try uncommitted changes;
+#   2. `python3 -m venv` with nothing in it (no system site-packages; PYTHONNOUSERSITE=1, no
+#      PYTHONPATH);
+#   3. `make demo`, then `make test`, in that clone with that venv's python, with the documented
+#      variables passed through (DETECTRON2_SRC, DETREX_SRC, STAGEINTERACTOR_OFFLINE, ...) and
+#      STAGEINTERACTOR_REQUIRE_LAYERS=all.
+#
+# Fails (exit 1) when either command fails, when the demo's AP50 is below $CI_MIN_AP50 (50), when
+# any test is skipped for a reason other than "no CUDA device" (tests marked gpu), or when a test
+# layer did not run. The wheels the set-up step builds for detectron2 and detrex are cached in
+# ~/.cache/stageinteractor/wheels (outside the clone), so only the first run builds them.
+# Variables: BASE_PYTHON (interpreter that creates the venv, default python3), CI_KEEP=1 (keep the
+# temporary folder), CI_CLEAN_DIR (use this folder instead of a new temporary one).
+set -uo pipefail
+
+SRC_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BASE_PYTHON="${BASE_PYTHON:-python3}"
+MIN_AP50="${CI_MIN_AP50:-50}"
+WORK="${CI_CLEAN_DIR:-$(mktemp -d -t stageinteractor_clean.XXXXXX)}"
+mkdir -p "$WORK"
+CLONE="$WORK/stageinteractor"
+VENV="$WORK/venv"
+LOGS="$WORK/logs"
+
+cleanup() {
+    if [ "${CI_KEEP:-0}" = "1" ]; then
+        echo "== ci-clean: kept $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap cleanup EXIT
+
+fail() {
+    echo "== ci-clean: FAILED - $*"
+    exit 1
+}
+
+T0=$(date +%s)
+mkdir -p "$LOGS"
+rm -rf "$CLONE" "$VENV"
+if [ "${CI_CLEAN_WORKTREE:-0}" = "1" ]; then
+    echo "== ci-clean: copying the working tree of $SRC_REPO into $CLONE"
+    mkdir -p "$CLONE"
+    (cd "$SRC_REPO" && git ls-files -z --cached --others --exclude-standard \
+        | while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done \
+        | tar --null -T - -cf -) | (cd "$CLONE" && tar -xf -) || fail "could not copy the working tree"
+    git -C "$CLONE" init -q
+else
+    echo "== ci-clean: git clone $SRC_REPO ($(git -C "$SRC_REPO" rev-parse --short HEAD)) -> $CLONE"
+    git clone -q "$SRC_REPO" "$CLONE" || fail "git clone failed"
+fi
+"$BASE_PYTHON" -m venv "$VENV" || fail "$BASE_PYTHON -m venv failed"
+PY="$VENV/bin/python"
+echo "== ci-clean: empty venv $VENV ($("$PY" --version 2>&1), $("$PY" -m pip list 2>/dev/null | tail -n +3 | wc -l) packages)"
+
+# Only the venv: no user site, no PYTHONPATH, the venv's bin first on PATH.
+unset PYTHONPATH PYTHONHOME VIRTUAL_ENV CONDA_PREFIX
+export PYTHONNOUSERSITE=1
+export PATH="$VENV/bin:$PATH"
+export STAGEINTERACTOR_REQUIRE_LAYERS=all
+export STAGEINTERACTOR_LAYER_SUMMARY="$LOGS/layers.txt"
+cd "$CLONE"
+
+echo "== ci-clean: make demo"
+T1=$(date +%s)
+make demo PYTHON="$PY" 2>&1 | tee "$LOGS/demo.log"
+DEMO_RC=${PIPESTATUS[0]}
+T2=$(date +%s)
+echo "== ci-clean: make demo exit $DEMO_RC in $((T2 - T1)) s"
+[ "$DEMO_RC" -eq 0 ] || fail "make demo exited $DEMO_RC"
+AP50=$("$PY" -c "import json; print(json.load(open('output/demo/demo_summary.json'))['stageinteractor']['results']['AP50'])") \
+    || fail "make demo wrote no output/demo/demo_summary.json"
+"$PY" -c "import sys; sys.exit(0 if float('$AP50') >= float('$MIN_AP50') else 1)" \
+    || fail "demo AP50 $AP50 < $MIN_AP50"
+echo "== ci-clean: demo AP50 $AP50 (>= $MIN_AP50)"
+
+echo "== ci-clean: make test"
+T3=$(date +%s)
+make test PYTHON="$PY" 2>&1 | tee "$LOGS/test.log"
+TEST_RC=${PIPESTATUS[0]}
+T4=$(date +%s)
+echo "== ci-clean: make test exit $TEST_RC in $((T4 - T3)) s"
+[ "$TEST_RC" -eq 0 ] || fail "make test exited $TEST_RC"
+
+# pytest's -ra summary: "SKIPPED [n] file:line: reason"; only "needs a CUDA device" is allowed
+BAD_SKIPS=$(grep -E '^SKIPPED \[' "$LOGS/test.log" | grep -v 'needs a CUDA device' || true)
+[ -z "$BAD_SKIPS" ] || fail "tests skipped for a reason other than no CUDA device:
+$BAD_SKIPS"
+[ -s "$LOGS/layers.txt" ] || fail "pytest wrote no layer summary"
+for layer in core detectron2 detrex; do
+    grep -qE "^layer $layer: [0-9]+ passed" "$LOGS/layers.txt" \
+        || fail "layer $layer did not run: $(grep "^layer $layer" "$LOGS/layers.txt")"
+done
+cat "$LOGS/layers.txt"
+echo "== ci-clean: PASSED in $(( $(date +%s) - T0 )) s (make demo $((T2 - T1)) s, AP50 $AP50;" \
+     "make test $((T4 - T3)) s)"
