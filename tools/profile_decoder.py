@@ -72,7 +72,7 @@ def main(argv=None) -> None:
         for s in dec.feature_strides
     ]
     sizes = torch.tensor([[H, W]])
-    k = int(getattr(cfg.model, "max_detections_per_image", 100))
+    k = int(getattr(cfg.model, "max_detections_per_image", None) or 100)
 
     def run():
         with torch.no_grad():

@@ -107,6 +107,14 @@ class _AdaptedFilter(torch.autograd.Function):
         return g_cur, g_j, g_a, g_c
 
 
+def _matrix_norm(x: Tensor) -> Tensor:
+    """Non-affine LayerNorm over each (rows, C) matrix of x (Mb, rows, C), i.e.
+    ``F.layer_norm(x, x.shape[1:])``, computed as a one-group GroupNorm (the same statistics and
+    eps; equal up to float round-off, ~5e-7): the CPU GroupNorm kernel is 1.7-2.5x faster than
+    LayerNorm's over rows of 2k-8k elements."""
+    return F.group_norm(x, 1)
+
+
 def _adapt_inference(m_cur: Tensor, m_j: Tensor, a: Tensor, c: Tensor) -> Tensor:
     """``lerp(M_cur, lerp(M_cur, M_j, a), c)`` with the second lerp written over the first's
     result (same values, one (Mb, C, C) buffer instead of two; no autograd)."""
@@ -227,7 +235,7 @@ class CascadeDynamicMixing(nn.Module):
         else:
             x = torch.bmm(sampled, m_cur)
         # ReLU in place on the LayerNorm output (LayerNorm's backward does not need its output)
-        x = F.layer_norm(x, (P, C)).relu_()
+        x = _matrix_norm(x).relu_()
 
         if n > 0:
             filters = self._step_filters(gen, m_cur, bank)  # n filters (Mb, C, C) or None
@@ -239,7 +247,7 @@ class CascadeDynamicMixing(nn.Module):
                     y = z if betas is None else z + betas[m]
                 else:
                     y = torch.bmm(z, filters[m]) if betas is None else torch.baddbmm(betas[m], z, filters[m])
-                x = F.layer_norm(y, (P, C)).relu_()
+                x = _matrix_norm(y).relu_()
 
         if self.num_reused_spatial > 0:
             u = gen["u"].view(Mb, self.reused_rows, 1)  # sigmoid already applied
@@ -255,7 +263,7 @@ class CascadeDynamicMixing(nn.Module):
             y = torch.baddbmm(gen["b_S"].view(Mb, self.out_points, 1), s_full, x)
         else:
             y = torch.bmm(s_full, x)
-        y = F.layer_norm(y, (self.out_points, C)).relu_()
+        y = _matrix_norm(y).relu_()
         q = self.out_norm(q + self.out_proj(y.view(BN, G * self.out_points * C)))
         return q, m_cur, s_full, s_cur
 
@@ -272,7 +280,11 @@ class CascadeDynamicMixing(nn.Module):
         Mb, C = m_cur.shape[0], self.channels
         # sigmoid already applied; per group (c, slot, m): 2n gates (Mb, C, 1), slot 0 = column /
         # output gates c_m, slot 1 = row / input gates a_m
-        gates = gen["gates"].view(Mb, C, 2 * n, 1).unbind(2)
+        gates = gen["gates"].view(Mb, C, 2 * n, 1)
+        rows = gates.unbind(2)  # (Mb, C, 1) each: a_m = rows[n + m]
+        # column gates as contiguous (Mb, 1, C) rows (one small copy of all n): as strided views
+        # (stride 2n) they would make the column interpolation's inner loop unvectorisable
+        cols = gates[:, :, :n].transpose(1, 3).contiguous().unbind(2)
         # Eq. 3 as two interpolations towards M_cur (rows with a, then columns with c); this is
         # exactly (a c^T)*M_j + (1 - a c^T)*M_cur. Applied per reused filter of the bank (its own
         # tensor: no stacked copy of the bank is made or kept for backward); each result is a
@@ -281,8 +293,8 @@ class CascadeDynamicMixing(nn.Module):
         # intermediate for backward (one (Mb, C, C) tensor less per reuse step).
         train = torch.is_grad_enabled() and not torch.jit.is_tracing()
         return [
-            _AdaptedFilter.apply(m_cur, m_j, gates[n + m], gates[m].view(Mb, 1, C))
+            _AdaptedFilter.apply(m_cur, m_j, rows[n + m], cols[m])
             if train
-            else _adapt_inference(m_cur, m_j, gates[n + m], gates[m].view(Mb, 1, C))
+            else _adapt_inference(m_cur, m_j, rows[n + m], cols[m])
             for m, m_j in enumerate(bank.filters)
         ]

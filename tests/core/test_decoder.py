@@ -316,3 +316,42 @@ def test_topk_matches_brute_force():
         assert torch.allclose(det["scores"][b], torch.tensor([s for s, _, _ in pairs]))
         assert torch.equal(det["boxes"][b], boxes[b, det["query_index"][b]])
     assert topk_detections(logits, boxes, k=7)["labels"].shape == (2, 7)
+
+
+# ---------------------------------------------------------------- CPU layout paths (issue 15)
+@pytest.mark.parametrize("B", [1, 2])
+def test_channels_last_maps_give_the_same_outputs(B):
+    """The sampler reads channels-last maps through a free view (batch 1) or one grouped copy
+    (batch > 1); grid_sample returns the same values as for the contiguous maps."""
+    d = small().eval()
+    perturb(d)
+    f = feats(B=B)
+    sizes = torch.tensor([[60.0, 50.0]] * B)
+    with torch.no_grad():
+        ref = d(f, sizes)
+        out = d([x.contiguous(memory_format=torch.channels_last) for x in f], sizes)
+    for a, b in zip(ref, out):
+        for k in ("logits", "boxes", "xyzr"):
+            assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-5), k
+    folded = d.stages[0].sampler.fold([x.contiguous(memory_format=torch.channels_last) for x in f])
+    assert all(torch.equal(v, x.view(B * 4, 8, *x.shape[2:])) for v, x in zip(folded, f))
+    if B == 1:  # a free view of the channels-last maps
+        cl = [x.contiguous(memory_format=torch.channels_last) for x in f]
+        assert d.stages[0].sampler.fold(cl)[0].data_ptr() == cl[0].data_ptr()
+
+
+def test_generator_weight_column_major_survives_load_and_casts():
+    d = small()
+    perturb(d)
+    w = d.stages[1].generator.weight
+    assert w.stride() == (1, w.shape[0])  # (rows, D) stored D-major
+    sd = {k: v.contiguous() for k, v in d.state_dict().items()}
+    e = small()
+    e.load_state_dict(sd)
+    e = e.double()
+    we = e.stages[1].generator.weight
+    assert we.stride() == (1, we.shape[0]) and torch.equal(we, w.double())
+    d.train()
+    out = d(feats(), torch.tensor([[60.0, 50.0], [40.0, 64.0]]))
+    sum(o["logits"].sum() + o["boxes"].sum() for o in out).backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all()
