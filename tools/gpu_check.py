@@ -134,12 +134,12 @@ def environment(device: str) -> Dict[str, Any]:
              "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
             for i in range(torch.cuda.device_count())
         ]
-    try:
-        import torchvision
-
-        env["torchvision"] = torchvision.__version__
-    except ImportError:
-        pass
+    for name in ("torchvision", "detectron2", "detrex"):
+        try:
+            env[name] = __import__(name).__dict__.get("__version__", "importable")
+        except Exception as e:  # noqa: BLE001 - a broken install may raise anything
+            env[name] = None
+            env[f"{name}_error"] = f"{type(e).__name__}: {e}"
     return env
 
 
@@ -328,12 +328,15 @@ def main(argv=None) -> int:
     else:
         check.result["tests"] = gpu_tests(check)
     check.write()
-    if args.skip_syncs:
-        check.result["host_syncs"] = {"status": "skipped", "reason": "--skip-syncs"}
+    no_d2 = None if env.get("detectron2") else "detectron2 not importable (run make setup)"
+    if args.skip_syncs or no_d2:
+        check.result["host_syncs"] = {"status": "skipped", "reason": no_d2 or "--skip-syncs"}
     else:
         check.result["host_syncs"] = host_syncs(check)
     check.write()
-    if args.rows is None or args.rows:
+    if no_d2:
+        check.log(f"benchmark rows skipped: {no_d2}")
+    elif args.rows is None or args.rows:
         run_rows(check, args.rows)
     rows = check.result["rows"]
     failed = [n for n, r in rows.items() if r["status"] in ("failed", "timeout")]
