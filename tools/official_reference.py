@@ -50,8 +50,15 @@ def _build(repo: str, size, seed: int):
     try:
         import numpy as np
         import torch
-        from mmcv import Config
-        from mmdet.models import build_detector
+
+        try:  # the authors' environment only (not installed by this project's set-up step)
+            from mmcv import Config
+            from mmdet.models import build_detector
+        except ImportError as e:
+            raise SystemExit(
+                f"official_reference.py: run it with the Python of the authors' environment "
+                f"(../shared/tools/official_runtime/setup.sh): {e}"
+            )
 
         cfg = Config.fromfile("configs/stageinteractor/stageinteractor_r50_1x_coco.py")
     finally:

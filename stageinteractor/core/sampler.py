@@ -136,6 +136,9 @@ class PointSampler(nn.Module):
         for f in features:
             B, C, H, W = f.shape
             if f.dim() == 4 and C > 1 and not f.is_contiguous() and f.is_contiguous(memory_format=torch.channels_last):
+                if B == 1 and not torch.jit.is_tracing():  # one view op (as_strided is not exported)
+                    out.append(f.as_strided((G, C // G, H, W), (C // G, 1, W * C, C), f.storage_offset()))
+                    continue
                 hwc = f.permute(0, 2, 3, 1)  # (B, H, W, C) contiguous
                 if B == 1:
                     out.append(hwc.view(H, W, G, C // G).permute(2, 3, 0, 1))

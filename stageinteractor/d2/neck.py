@@ -87,7 +87,7 @@ class ChannelMapping(nn.Module):
         if len(features) != len(self.lateral_convs):
             raise ValueError(f"expected {len(self.lateral_convs)} levels, got {len(features)}")
         out = [self.gn_out(conv(x)) for conv, x in zip(self.lateral_convs, features)]
-        if not self.training and out[0].device.type == "cpu":
+        if not self.training and out[0].device.type == "cpu" and not torch.jit.is_tracing():
             # CPU inference: channels-last maps (same values, one layout copy per level). The
             # decoder's sampler reads every map at 4 corners x 100s of points x 6 stages, and
             # the CPU ``grid_sample`` then gathers a pixel's channels from one or two cache lines
