@@ -8,7 +8,8 @@ Runs, in this order, within ``--budget-s`` seconds of wall time (default 420: th
 fits in 8 minutes on one GPU):
 
 1. the environment: device name, GPU count and memory, torch / CUDA / cuDNN versions;
-2. the ``gpu``-marked tests (``pytest -m gpu tests``), with their counts and log;
+2. the ``gpu``-marked tests (``pytest -m gpu tests/*/test_cuda_*.py``: gpu tests live in
+   ``test_cuda_*.py`` files), with their counts and log;
 3. host syncs per training step and per inference (``stageinteractor.d2.sync_count``) of the
    demo and the R50-100q config; on CUDA also PyTorch's own sync-debug count;
 4. the benchmark rows of the README's GPU speed table (``tools/benchmark.py`` subprocesses, one
@@ -150,10 +151,14 @@ def gpu_tests(check: Check) -> Dict[str, Any]:
     xml = os.path.join(check.out_dir, "gpu_tests.xml")
     # the dry run leaves out the slow ones (R50-size models and X101-DCN on a small CPU)
     marker_args = ["-m", "gpu and not slow"] if check.device == "cpu" else ["-m", "gpu"]
+    # the gpu tests live in tests/<layer>/test_cuda_*.py (collecting only those saves the
+    # imports of every other test module)
+    files = sorted(os.path.relpath(f, REPO)
+                   for f in glob.glob(os.path.join(REPO, "tests", "*", "test_cuda_*.py")))
     # R50 decoder/model checks, detrex, backbone: about 2 minutes on one GPU
     timeout = min(check.left() - MIN_START[check.device], 300.0)
     rc, out, wall = check.run(
-        [sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider",
          "-rs", f"--junitxml={xml}", *marker_args], timeout, env)
     res: Dict[str, Any] = {"returncode": rc, "wall_s": wall, "dry_run": check.device == "cpu"}
     for key in ("passed", "failed", "skipped", "error", "errors"):
