@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
+GPU_SKIP_REASON = "no CUDA device"  # the one skip reason .ci/clean_env.sh allows
 # folder under tests/ -> layer name, in report order
 LAYERS = OrderedDict([("core", "core"), ("d2", "detectron2"), ("detrex", "detrex")])
 HOW_TO = {
@@ -141,7 +142,7 @@ def pytest_collection_modifyitems(config, items):
 
                 cuda = torch.cuda.is_available()
             if not cuda and not gpu_dry_run():
-                item.add_marker(pytest.mark.skip(reason="no CUDA device"))
+                item.add_marker(pytest.mark.skip(reason=GPU_SKIP_REASON))
 
 
 def pytest_collectreport(report):
