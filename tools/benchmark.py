@@ -53,6 +53,11 @@
   ``--count-ops``, its decoder's aten calls. Skipped with a one-line reason when not given.
   Both decoders' weights are random, perturbed by ``--perturb-decoder`` (0.02 * N(0, 1), as the
   reference does) so that queries sample different points.
+* CPU allocator (``--malloc``, default ``retain``): freed memory is kept for reuse
+  (``stageinteractor.cpu_allocator``; glibc ``mallopt``, for the authors' worker through glibc's
+  environment variables) so that the decoder's large per-call tensors do not page-fault anew on
+  every call; ``--malloc system`` keeps glibc's defaults. Peak-memory subprocesses always run
+  with the defaults. Recorded in the JSON (``malloc``).
 * Roofline: a 2048^3 float32 ``mm`` is timed interleaved with the models (``--no-roofline``
   skips it); ``roofline`` gives its multiply-add rate and the decoder's / whole model's achieved
   rate (fvcore multiply-adds / median time) as a fraction of it, also for the authors' model
@@ -137,9 +142,22 @@ def _proc_stat_busy() -> Optional[float]:
         return None
 
 
-def _own_cpu() -> float:
+def _pid_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a running process, from /proc/<pid>/stat (0 if gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _own_cpu(live_pids: Tuple[int, ...] = ()) -> float:
+    """This process's CPU time, its waited-for children's, and that of the live helper processes
+    ``live_pids`` (e.g. the authors' reference worker: a child's CPU time enters
+    ``children_user`` only once it has exited and been waited for)."""
     t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+    return t.user + t.system + t.children_user + t.children_system + sum(map(_pid_cpu, live_pids))
 
 
 def _loadavg1() -> Optional[float]:
@@ -151,16 +169,19 @@ def _loadavg1() -> Optional[float]:
 
 class LoadMonitor:
     """Machine load during a section: 1-min load average (start/end) and the CPU share of other
-    processes = (machine busy time - own CPU time) / (wall time x cores)."""
+    processes = (machine busy time - own CPU time) / (wall time x cores). ``live_pids``: helper
+    processes of this run that stay alive across the section (their CPU time counts as own)."""
 
-    def __init__(self):
+    def __init__(self, live_pids: Tuple[int, ...] = ()):
         self.ncpu = os.cpu_count() or 1
-        self.t0, self.busy0, self.own0 = time.perf_counter(), _proc_stat_busy(), _own_cpu()
+        self.live_pids = tuple(live_pids)
+        self.t0, self.busy0 = time.perf_counter(), _proc_stat_busy()
+        self.own0 = _own_cpu(self.live_pids)
         self.load_start = _loadavg1()
 
     def result(self) -> Dict[str, Any]:
         wall = time.perf_counter() - self.t0
-        busy1, own1 = _proc_stat_busy(), _own_cpu()
+        busy1, own1 = _proc_stat_busy(), _own_cpu(self.live_pids)
         others = None
         if self.busy0 is not None and busy1 is not None and wall > 0:
             others = max(0.0, ((busy1 - self.busy0) - (own1 - self.own0)) / (wall * self.ncpu))
@@ -576,7 +597,8 @@ class OfficialReference:
     call by call, with the same threads and image size. ``call(cmd)`` sends one command and
     returns the worker's JSON reply; its stderr goes to a temporary file (tail shown on failure)."""
 
-    def __init__(self, python: str, repo: str, threads: int, size, worker: str = OFFICIAL_WORKER):
+    def __init__(self, python: str, repo: str, threads: int, size, worker: str = OFFICIAL_WORKER,
+                 env: Optional[Dict[str, str]] = None):
         import tempfile
 
         self.python, self.repo, self.worker = python, repo, worker
@@ -584,7 +606,8 @@ class OfficialReference:
         cmd = [python, worker, "--repo", repo, "--size", str(size[0]), str(size[1])]
         cmd += ["--threads", str(threads)] if threads else []
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True, bufsize=1
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True, bufsize=1,
+            env=None if env is None else {**os.environ, **env},
         )
         self.info: Optional[Dict[str, Any]] = None
 
@@ -853,6 +876,14 @@ def parse_args(argv=None):
     )
     p.add_argument("--no-flops", action="store_true", help="skip the fvcore FLOP count")
     p.add_argument(
+        "--malloc",
+        choices=("retain", "system"),
+        default="retain",
+        help="retain (default): keep freed CPU memory for reuse (glibc mallopt, "
+        "stageinteractor.cpu_allocator), in this process and the authors' worker alike, so that "
+        "large tensors do not page-fault on every call; system: glibc's defaults",
+    )
+    p.add_argument(
         "--official-python",
         default=None,
         metavar="PY",
@@ -941,12 +972,22 @@ def main(argv=None) -> Dict[str, Any]:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmark: --device cuda but CUDA is not available")
+    worker_env = None
+    if args.malloc == "retain":
+        # both sides alike: ours through mallopt now, the authors' worker through glibc's
+        # environment variables (read at its start); memory subprocesses keep glibc's defaults
+        from stageinteractor.cpu_allocator import GLIBC_ENV, retain_freed_memory
+
+        args._malloc_applied = retain_freed_memory()
+        worker_env = dict(GLIBC_ENV) if args._malloc_applied else None
+        log(f"--malloc retain: {'applied' if args._malloc_applied else 'not applicable (not glibc)'}")
     official = None
     off_py, off_repo, off_skip = official_settings(args)
     if off_skip is None:
         log(f"starting the authors' reference: {off_py} {args.official_worker} ({off_repo})")
-        official = OfficialReference(  # same threads as ours
-            off_py, off_repo, torch.get_num_threads(), args.image_size, worker=args.official_worker
+        official = OfficialReference(  # same threads and allocator settings as ours
+            off_py, off_repo, torch.get_num_threads(), args.image_size, worker=args.official_worker,
+            env=worker_env,
         )
     else:
         log(f"no same-run comparison with the authors' code: {off_skip}")
@@ -965,7 +1006,7 @@ def _main(args, official: Optional["OfficialReference"], off_skip: Optional[str]
         specs["b"] = (args.compare_config or args.config_file, args.compare_opts or [])
     names = list(specs)
     h, w = args.image_size
-    monitor = LoadMonitor()
+    monitor = LoadMonitor(live_pids=(official.proc.pid,) if official is not None else ())
     models, infos, batches, res = {}, {}, {}, {}
     for n, (cfg, opts) in specs.items():
         log(f"building {n}: {cfg} {' '.join(opts)}")
@@ -1210,6 +1251,7 @@ def _main(args, official: Optional["OfficialReference"], off_skip: Optional[str]
         "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "malloc": {"mode": args.malloc, "applied": getattr(args, "_malloc_applied", False)},
         "load": load,
         "a": res["a"],
         "b": res.get("b"),

@@ -362,3 +362,48 @@ def test_perturb_decoder_changes_only_the_decoder(bench):
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("decoder.") for k in changed)
+
+
+def test_official_worker_gets_the_allocator_environment(bench, tmp_path):
+    """--malloc retain applies to both sides: the worker is started with glibc's variables."""
+    from stageinteractor.cpu_allocator import GLIBC_ENV
+
+    worker = tmp_path / "env_worker.py"
+    worker.write_text(
+        "import json, os, sys\n"
+        "print(json.dumps({'ready': True, 'env': os.environ.get('MALLOC_MMAP_THRESHOLD_')}), flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    import sys
+
+    for env, expected in ((dict(GLIBC_ENV), GLIBC_ENV["MALLOC_MMAP_THRESHOLD_"]), (None, None)):
+        ref = bench.OfficialReference(sys.executable, str(tmp_path), 1, (64, 96), worker=str(worker), env=env)
+        try:
+            assert ref.ready()["env"] == expected
+        finally:
+            ref.proc.kill()
+            ref.proc.wait()
+
+
+def test_load_monitor_counts_a_live_helper_as_own(bench):
+    """A running child's CPU time is not in os.times() until it is waited for: without its pid the
+    monitor would report the authors' worker as 'other processes'."""
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", bench._BUSY_LOOP, "30"])
+    try:
+        time.sleep(0.3)
+        with_pid, without = bench.LoadMonitor(live_pids=(child.pid,)), bench.LoadMonitor()
+        c0 = bench._pid_cpu(child.pid)
+        time.sleep(1.5)
+        r_with, r_without = with_pid.result(), without.result()
+        c1 = bench._pid_cpu(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert c1 - c0 > 0.5  # the child was busy
+    diff = r_without["other_processes_cpu_share"] - r_with["other_processes_cpu_share"]
+    expected = (c1 - c0) / (r_with["wall_s"] * r_with["cpus"])
+    assert diff == pytest.approx(expected, abs=0.08)
