@@ -5,11 +5,11 @@ adjusted dynamically) with a fresh ``mmap`` and gives it back with ``munmap`` on
 batch-1 R50 decoder call at 800x1216 allocates and frees about 145 MB of such blocks (the
 generator's (100, 27-50 k) outputs, the (400, 128, 64) mixing tensors), so every call touches
 those pages anew: about 37,000 minor page faults, 8 % of the decoder's single-thread time on a
-2-core EPYC (1.048 s -> 0.964 s, ``docs/BENCHMARKS.md``). Raising the mmap threshold and the trim
+2-core EPYC (1.048 s -> 0.964 s in a loop of decoder calls, ``docs/BENCHMARKS.md``). Raising the mmap threshold and the trim
 threshold lets the next call reuse the same heap pages: no faults, identical results.
 
-Process-global, so the library never does it on import; entry points opt in (``tools/benchmark.py``
-does for its timings, on both sides of a comparison). A user can get the same behaviour for any
+Process-global, so the library never does it on import; entry points opt in
+(``tools/benchmark.py --malloc retain`` does, on both sides of a comparison). A user can get the same behaviour for any
 process without code through glibc's environment variables (read at process start), which
 :data:`GLIBC_ENV` holds::
 

@@ -53,11 +53,11 @@
   ``--count-ops``, its decoder's aten calls. Skipped with a one-line reason when not given.
   Both decoders' weights are random, perturbed by ``--perturb-decoder`` (0.02 * N(0, 1), as the
   reference does) so that queries sample different points.
-* CPU allocator (``--malloc``, default ``retain``): freed memory is kept for reuse
-  (``stageinteractor.cpu_allocator``; glibc ``mallopt``, for the authors' worker through glibc's
-  environment variables) so that the decoder's large per-call tensors do not page-fault anew on
-  every call; ``--malloc system`` keeps glibc's defaults. Peak-memory subprocesses always run
-  with the defaults. Recorded in the JSON (``malloc``).
+* CPU allocator (``--malloc``, default ``system`` = glibc's defaults, as a user's process runs):
+  ``--malloc retain`` keeps freed memory for reuse (``stageinteractor.cpu_allocator``; glibc
+  ``mallopt``, for the authors' worker through glibc's environment variables, both sides alike)
+  so that large per-call tensors do not page-fault anew on every call. Peak-memory subprocesses
+  always run with the defaults. Recorded in the JSON (``malloc``).
 * Roofline: a 2048^3 float32 ``mm`` is timed interleaved with the models (``--no-roofline``
   skips it); ``roofline`` gives its multiply-add rate and the decoder's / whole model's achieved
   rate (fvcore multiply-adds / median time) as a fraction of it, also for the authors' model
@@ -878,10 +878,10 @@ def parse_args(argv=None):
     p.add_argument(
         "--malloc",
         choices=("retain", "system"),
-        default="retain",
-        help="retain (default): keep freed CPU memory for reuse (glibc mallopt, "
-        "stageinteractor.cpu_allocator), in this process and the authors' worker alike, so that "
-        "large tensors do not page-fault on every call; system: glibc's defaults",
+        default="system",
+        help="system (default): glibc's defaults, as a user's process runs; retain: keep freed "
+        "CPU memory for reuse (glibc mallopt, stageinteractor.cpu_allocator), in this process "
+        "and the authors' worker alike, so that large tensors do not page-fault on every call",
     )
     p.add_argument(
         "--official-python",

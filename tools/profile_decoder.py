@@ -49,9 +49,9 @@ def main(argv=None) -> None:
     ap.add_argument("--perturb-decoder", type=float, default=0.02)
     ap.add_argument("--rows", type=int, default=20)
     ap.add_argument("--markdown", action="store_true", help="print markdown tables")
-    ap.add_argument("--malloc", choices=("retain", "system"), default="retain",
-                    help="retain: keep freed memory for reuse (stageinteractor.cpu_allocator), as "
-                    "tools/benchmark.py does; system: glibc's defaults")
+    ap.add_argument("--malloc", choices=("retain", "system"), default="system",
+                    help="system: glibc's defaults; retain: keep freed memory for reuse "
+                    "(stageinteractor.cpu_allocator), as tools/benchmark.py --malloc retain")
     args = ap.parse_args(argv)
     if args.malloc == "retain":
         from stageinteractor.cpu_allocator import retain_freed_memory
