@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from .filter_bank import FilterBank, update_bank
 from .query_generator import InitialQueryGenerator
+from .sampler import SAMPLING_KERNELS
 from .stage import DecoderStage
 from .switches import ADAMIXER_BASELINE, check_choice, resolve_switches
 
@@ -50,6 +51,9 @@ class StageInteractorDecoder(nn.Module):
             the switches (``reuse_start`` is inert with ``reuse=False``).
         check_inputs: validate shapes and finiteness of the inputs in ``forward`` (skipped while
             tracing / compiling / exporting; about 10 extra aten ops).
+        sampling_kernel: how the samplers read the maps, "auto" (gather on CPU with
+            channels-last maps, else grid_sample), "grid_sample" or "gather" (same values; see
+            :mod:`stageinteractor.core.sampler`).
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class StageInteractorDecoder(nn.Module):
         filter_usage: Optional[str] = None,
         static_mixing: Optional[str] = None,
         check_inputs: bool = True,
+        sampling_kernel: str = "auto",
     ):
         super().__init__()
         for name, value in (
@@ -90,6 +95,7 @@ class StageInteractorDecoder(nn.Module):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         check_choice("check_inputs", check_inputs, (True, False))
+        check_choice("sampling_kernel", sampling_kernel, SAMPLING_KERNELS)
         sw = resolve_switches(
             num_stages=num_stages,
             sampler=sampler,
@@ -147,6 +153,7 @@ class StageInteractorDecoder(nn.Module):
                 num_reused_spatial=self.stage_reused_spatial[s],
                 filter_usage=sw.filter_usage,
                 static_mixing=sw.static_mixing,
+                sampling_kernel=sampling_kernel,
             )
             for s in range(num_stages)
         )
@@ -232,15 +239,13 @@ class StageInteractorDecoder(nn.Module):
             ).to(f0.device, non_blocking=True)
         sizes = torch.clamp(image_sizes.to(torch.float32), min=self.one, max=pad)
         q, xyzr, wh, boxes = self.query_generator(sizes)
-        sampler = self.stages[0].sampler
-        grid_scales = sampler.grid_scales_for(features)
-        features = sampler.fold(features)  # (B*G, C/G, H, W) views, shared by all stages
+        maps = self.stages[0].sampler.prepare(features)  # shared by all stages
         bank = FilterBank()
         outputs: List[Dict[str, Tensor]] = []
         last = len(self.stages) - 1
         grad = torch.is_grad_enabled()
         for s, stage in enumerate(self.stages):
-            out = stage(q, xyzr, wh, boxes, features, bank, grid_scales, return_sampling_points)
+            out = stage(q, xyzr, wh, boxes, maps, bank, return_sampling_points)
             result = {"logits": out["logits"], "xyzr": out["xyzr"], "boxes": out["boxes"], "input_xyzr": xyzr}
             if return_sampling_points:
                 result["sampling_points"] = out["sampling_points"]

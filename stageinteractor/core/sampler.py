@@ -8,20 +8,77 @@ feature pyramid there:
   ``c_l = log2(stride_l) + level_offset`` (grouped sampler: offset 1, i.e. the released
   ``pz - 3 - l`` for strides 4..32; 3-D samplers: AdaMixer's ``log2(stride)`` grid with a -1
   initial z bias, so both are the same function at init);
-* bilinear ``grid_sample`` (align_corners=False, zero padding) of group g's C/G channels,
-  coordinates normalised by the padded size ``(W_l * stride_l, H_l * stride_l)``; **one**
-  grid_sample call per level for all groups and points (groups are folded into the batch).
+* bilinear sampling (align_corners=False, zero padding) of group g's C/G channels at pixel
+  ``(x / stride_l - 0.5, y / stride_l - 0.5)`` of level l (the padded size is
+  ``(W_l * stride_l, H_l * stride_l)``), weighted by w_l and summed over the levels.
 
 Output: ``(B*N*G, P, C/G)`` with point index ``k * S + j`` (spatial block k, sub-point j).
+
+Two kernels compute the same values (``sampling_kernel``; "auto" picks per call):
+
+* ``"grid_sample"``: **one** ``F.grid_sample`` per level for all groups and points (groups
+  folded into the batch), then the level-weighted sum and one permute into the output order.
+  Used on CUDA, for contiguous (NCHW) maps and while tracing / exporting.
+* ``"gather"`` (CPU, channels-last maps): a channels-last map ``(B, C, H, W)`` is a table of
+  ``B*H*W*G`` rows of C/G contiguous channels (row ``((b*H + y)*W + x)*G + g``, a free view).
+  The 4 bilinear corners of every point become 4 row indices and 4 weights (bilinear weight x
+  level weight, 0 outside the map), and **one** ``F.embedding_bag(mode="sum")`` per level
+  returns the weighted rows summed, directly in the output order. Per row it reads C/G
+  adjacent floats instead of gathering them channel by channel, and there is no level sum or
+  permute pass: about 3x less time than grid_sample on a 2-core CPU (``docs/BENCHMARKS.md``).
+  Gradients reach the maps (through the table) and the points (through the weights) exactly
+  as grid_sample's do.
 """
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PointSampler", "GroupedPointSampler", "Point3DSampler", "num_spatial_blocks"]
+__all__ = [
+    "SAMPLING_KERNELS",
+    "SamplingMaps",
+    "PointSampler",
+    "GroupedPointSampler",
+    "Point3DSampler",
+    "num_spatial_blocks",
+]
+
+SAMPLING_KERNELS = ("auto", "grid_sample", "gather")
+
+
+class SamplingMaps(NamedTuple):
+    """The feature pyramid prepared once per forward for every stage's sampler
+    (:meth:`PointSampler.prepare`). Exactly one of ``folded`` / ``tables`` is non-empty.
+
+    folded: L group-folded maps (B*G, C/G, H_l, W_l) for the grid_sample kernel (else []).
+    grid_scales: L (2,) normalisers ``2 / padded size`` (grid_sample kernel; else []).
+    tables: L row tables (B*H_l*W_l*G, C/G) of channels-last maps for the gather kernel (else []).
+    limits: (L, 2, 1, 1) float, the largest pixel index (W_l - 1, H_l - 1) per axis.
+    rows: (L, 2, 1, 1, 1, 1, 1) int64, the table rows between neighbours along x, y (G, W_l*G).
+    base: (L, 2, 1, B, 1, G, 1) int64, the row of pixel (0, 0) of image b, group g (x slot;
+        the y slot is 0).
+    offsets: cache of embedding_bag offsets (0, 4, 8, ...) per number of points.
+    """
+
+    folded: List[Tensor]
+    grid_scales: List[Tensor]
+    tables: List[Tensor]
+    limits: Optional[Tensor] = None
+    rows: Optional[Tensor] = None
+    base: Optional[Tensor] = None
+    offsets: Optional[Dict[int, Tensor]] = None
+
+
+def _exporting() -> bool:
+    """Tracing (TorchScript) or ONNX export: only the grid_sample kernel is exported."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    try:
+        return bool(torch.onnx.is_in_onnx_export())
+    except AttributeError:  # pragma: no cover
+        return False
 
 
 def num_spatial_blocks(num_points: int) -> int:
@@ -34,7 +91,7 @@ def num_spatial_blocks(num_points: int) -> int:
 class PointSampler(nn.Module):
     """Base class: multi-level bilinear sampling of given points (no parameters).
 
-    Subclasses implement :meth:`points`.
+    Subclasses implement :meth:`points`. ``sampling_kernel``: see the module docstring.
     """
 
     def __init__(
@@ -45,17 +102,30 @@ class PointSampler(nn.Module):
         num_points: int,
         strides: Sequence[int],
         level_offset: float,
+        sampling_kernel: str = "auto",
     ):
         super().__init__()
+        if sampling_kernel not in SAMPLING_KERNELS:
+            raise ValueError(f"sampling_kernel must be one of {SAMPLING_KERNELS}, got {sampling_kernel!r}")
         self.query_dim = query_dim
         self.num_groups = num_groups
         self.num_points = num_points
         self.num_blocks = num_spatial_blocks(num_points)
         self.strides = tuple(int(s) for s in strides)
+        self.sampling_kernel = sampling_kernel
         centres = torch.tensor([math.log2(s) + level_offset for s in self.strides])
         self.register_buffer("level_centres", centres.view(-1, 1, 1, 1, 1), persistent=False)
+        self.register_buffer("level_centres_flat", centres.view(-1, 1, 1, 1), persistent=False)
         self.register_buffer("minus_one", torch.tensor(-1.0), persistent=False)
         self.register_buffer("zero", torch.tensor(0.0), persistent=False)
+        # gather kernel: pixel u = x / stride - 0.5 (1 / stride is exact for powers of two);
+        # per axis the neighbours floor(u) + (0, 1) with weights (1, 0) + frac(u) * (-1, 1)
+        inv = torch.tensor([1.0 / s for s in self.strides])
+        self.register_buffer("inv_strides", inv.view(-1, 1, 1), persistent=False)
+        self.register_buffer("minus_half", torch.tensor(-0.5), persistent=False)
+        self.register_buffer("corner_step", torch.tensor([[0.0], [1.0]]), persistent=False)
+        self.register_buffer("tent_base", torch.tensor([[1.0], [0.0]]), persistent=False)
+        self.register_buffer("tent_sign", torch.tensor([[-1.0], [1.0]]), persistent=False)
 
     def generator_blocks(self) -> List[Tuple[str, int]]:
         """Per-group row blocks this sampler needs from the stage's fused generator."""
@@ -65,44 +135,109 @@ class PointSampler(nn.Module):
         """Initialise this sampler's blocks of the generator bias (views (G, rows), in place)."""
         raise NotImplementedError
 
-    def points(self, q: Tensor, gen: Dict[str, Tensor], xyzr: Tensor, wh: Tensor) -> Tuple[Tensor, Tensor]:
-        """Return ``xy`` (B, G, N, ..., 2) pixels and ``z`` (B, G, N, ..., 1), the dots being the
-        P points (possibly as K x S)."""
+    def points(
+        self, q: Tensor, gen: Dict[str, Tensor], xyzr: Tensor, wh: Tensor, group_major: bool
+    ) -> Tuple[Tensor, Tensor]:
+        """Return ``xy`` (..., 2) pixels and ``z`` (..., 1), contiguous, with leading dims
+        (B, G, N, P') if ``group_major`` else (B, N, G, P'), P' being the P points (possibly
+        as K x S)."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ maps
+    def prepare(self, features: List[Tensor]) -> SamplingMaps:
+        """Prepare the (B, C, H_l, W_l) maps once per forward for all stages: row tables for
+        the gather kernel, group-folded maps and grid normalisers for grid_sample."""
+        if self._use_gather(features):
+            return self._gather_maps(features)
+        return SamplingMaps(folded=self.fold(features), grid_scales=self.grid_scales_for(features), tables=[])
+
+    def _use_gather(self, features: List[Tensor]) -> bool:
+        kernel = self.sampling_kernel
+        if kernel == "grid_sample":
+            return False
+        if kernel == "gather":
+            if _exporting():
+                raise ValueError('sampling_kernel="gather" cannot be traced or exported; use "auto" or "grid_sample"')
+            return True
+        if _exporting() or features[0].device.type != "cpu":
+            return False
+        return all(f.permute(0, 2, 3, 1).is_contiguous() for f in features)
+
+    def _gather_maps(self, features: List[Tensor]) -> SamplingMaps:
+        G = self.num_groups
+        B = features[0].shape[0]
+        tables, limits, rows, base = [], [], [], []
+        for f in features:
+            _, C, H, W = f.shape
+            # (B, H, W, C) -> rows of C/G channels; a free view of a channels-last map (explicit
+            # "gather" on contiguous maps makes one channels-last copy, shared by all stages)
+            tables.append(f.permute(0, 2, 3, 1).reshape(B * H * W * G, C // G))
+            limits.append([W - 1, H - 1])
+            rows.append([G, W * G])
+            base.append([[[b * H * W * G + g for g in range(G)] for b in range(B)], [[0] * G] * B])
+        dev = features[0].device
+        L = len(features)
+        # host-built, non-blocking copies (no host sync)
+        return SamplingMaps(
+            folded=[],
+            grid_scales=[],
+            tables=tables,
+            limits=torch.tensor(limits, dtype=torch.float32).view(L, 2, 1, 1).to(dev, non_blocking=True),
+            rows=torch.tensor(rows, dtype=torch.int64).view(L, 2, 1, 1, 1, 1, 1).to(dev, non_blocking=True),
+            base=torch.tensor(base, dtype=torch.int64).view(L, 2, 1, B, 1, G, 1).to(dev, non_blocking=True),
+            offsets={},
+        )
+
+    # ------------------------------------------------------------------ sampling
     def forward(
         self,
         q: Tensor,
         gen: Dict[str, Tensor],
         xyzr: Tensor,
         wh: Tensor,
-        features: List[Tensor],
-        grid_scales: Optional[List[Tensor]] = None,
+        maps: SamplingMaps,
         return_points: bool = False,
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """
         Args:
             q: (B*N, D) content; gen: this sampler's generator blocks, each (B*N*G, rows)
                 (see :meth:`generator_blocks`); xyzr: (B, N, 4); wh: (B, N, 2) box widths/heights.
-            features: L maps with the strides given at construction, **group-folded**:
-                (B*G, C/G, H_l, W_l) (see :meth:`fold`; a free view of (B, C, H_l, W_l)).
-            grid_scales: optional per-level (2,) tensors ``(2 / (W_l*stride_l), 2 / (H_l*stride_l))``
-                (see :meth:`grid_scales_for`); levels sharing the same tensor object share one grid.
+            maps: the feature pyramid from :meth:`prepare` (L levels, the strides given at
+                construction).
         Returns:
             sampled (B*N*G, P, C/G) and, if ``return_points``, the points (B, N, G, P, 3) (x, y, z).
         """
         B, N = xyzr.shape[:2]
         G, P = self.num_groups, self.num_points
-        if grid_scales is None:
-            grid_scales = self.grid_scales_for(features)
-        xy, z = self.points(q, gen, xyzr, wh)
-        # level weights (L, B*G, 1, N, P): one softmax over the levels
-        dz = z.reshape(1, B * G, 1, N, P) - self.level_centres
+        gather = bool(maps.tables)
+        xy, z = self.points(q, gen, xyzr, wh, group_major=not gather)
+        # level weights, one softmax over the levels: (L, 1, 1, B*N*G*P) for gather (point
+        # order b, n, g, p), (L, B*G, 1, N, P) for grid_sample
+        if gather:
+            dz = z.view(1, 1, 1, -1) - self.level_centres_flat
+        else:
+            dz = z.view(1, B * G, 1, N, P) - self.level_centres
         weights = torch.addcmul(self.zero, dz, dz, value=-0.5).softmax(0)
+        if gather:
+            sampled = self._gather(xy, weights, maps)
+        else:
+            sampled = self._grid_sample(xy, weights, maps)
+        pts = None
+        if return_points:
+            pts = torch.cat([xy.view(*xy.shape[:3], P, 2), z.view(*z.shape[:3], P, 1)], dim=-1)
+            if not gather:
+                pts = pts.transpose(1, 2)
+        return sampled, pts
+
+    def _grid_sample(self, xy: Tensor, weights: Tensor, maps: SamplingMaps) -> Tensor:
+        """xy (B, G, N, ..., 2) pixels (the P points), weights (L, B*G, 1, N, P) ->
+        (B*N*G, P, C/G)."""
+        B, G, N = xy.shape[:3]
+        P = self.num_points
         grids = {}
         sampled_levels = []
-        for lvl, feat in enumerate(features):
-            scale = grid_scales[lvl]
+        for lvl, feat in enumerate(maps.folded):
+            scale = maps.grid_scales[lvl]
             grid = grids.get(id(scale))
             if grid is None:
                 grid = torch.addcmul(self.minus_one, xy, scale).view(B * G, N, P, 2)
@@ -118,11 +253,48 @@ class PointSampler(nn.Module):
         for lvl in range(1, len(sampled_levels)):
             out = out.addcmul_(sampled_levels[lvl], w[lvl])
         Cg = out.shape[1]
-        sampled = out.view(B, G, Cg, N, P).permute(0, 3, 1, 4, 2).reshape(B * N * G, P, Cg)
-        pts = None
-        if return_points:
-            pts = torch.cat([xy.view(B, G, N, P, 2), z.view(B, G, N, P, 1)], dim=-1).transpose(1, 2)
-        return sampled, pts
+        return out.view(B, G, Cg, N, P).permute(0, 3, 1, 4, 2).reshape(B * N * G, P, Cg)
+
+    def _gather(self, xy: Tensor, weights: Tensor, maps: SamplingMaps) -> Tensor:
+        """xy (B, N, G, ..., 2) pixels (the P points), weights (L, 1, 1, B*N*G*P) ->
+        (B*N*G, P, C/G).
+
+        All index/weight tensors are laid out (L, axis, corner, M) with M = B*N*G*P points
+        innermost, so that every elementwise op runs over long contiguous rows (broadcast
+        constants only vary in the outer dims). Per level and axis: pixel coordinate u, the
+        neighbours floor(u) + (0, 1) with weights (1 - frac, frac), zeroed outside the map (zero
+        padding; the index is clamped to a valid row); the 2 x 2 corners (y, x) combine them."""
+        B, N, G = xy.shape[:3]
+        P = self.num_points
+        M = B * N * G * P
+        L = len(maps.tables)
+        xy_planes = xy.view(M, 2).t().contiguous()  # (2, M): x, y
+        u = torch.addcmul(self.minus_half, xy_planes, self.inv_strides)  # (L, 2, M)
+        u0 = u.floor()
+        axis_w = torch.addcmul(self.tent_base, (u - u0).unsqueeze(2), self.tent_sign)  # (L, 2, 2, M)
+        corner = u0.unsqueeze(2) + self.corner_step  # (L, 2 axes, 2 corners, M)
+        clamped = torch.clamp(corner, min=self.zero, max=maps.limits)
+        axis_w = axis_w * (clamped == corner)
+        # rows: x -> base(b, g) + x*G, y -> y*W*G
+        axis_rows = torch.addcmul(maps.base, clamped.long().view(L, 2, 2, B, N, G, P), maps.rows).view(L, 2, 2, M)
+        rx, ry = axis_rows.unbind(1)
+        wx, wy = axis_w.unbind(1)
+        rows = ry.unsqueeze(2) + rx.unsqueeze(1)  # (L, 2 y, 2 x, M)
+        corner_w = (wy.unsqueeze(2) * wx.unsqueeze(1)).mul_(weights)
+        # embedding_bag takes the 4 corners of a point contiguous: (L, M*4), bags at 0, 4, 8, ...
+        rows = rows.view(L, 4, M).transpose(1, 2).reshape(L, 4 * M)
+        corner_w = corner_w.view(L, 4, M).transpose(1, 2).reshape(L, 4 * M)
+        offsets = maps.offsets.get(M) if maps.offsets is not None else None
+        if offsets is None:
+            offsets = torch.arange(0, 4 * M, 4, device=xy.device)
+            if maps.offsets is not None:
+                maps.offsets[M] = offsets
+        out: Optional[Tensor] = None
+        grad = torch.is_grad_enabled()
+        for table, r, w in zip(maps.tables, rows.unbind(0), corner_w.to(maps.tables[0].dtype).unbind(0)):
+            s = F.embedding_bag(r, table, offsets, mode="sum", per_sample_weights=w)
+            out = s if out is None else (out + s if grad else out.add_(s))  # (M, C/G)
+        return out.view(B * N * G, P, -1)
 
     def fold(self, features: List[Tensor]) -> List[Tensor]:
         """(B, C, H, W) maps -> (B*G, C/G, H, W) (group g = channels [g*C/G, (g+1)*C/G)).
@@ -193,9 +365,15 @@ class GroupedPointSampler(PointSampler):
         num_points: int = 32,
         strides: Sequence[int] = (4, 8, 16, 32),
         subpoint_offsets: str = "shared",
+        sampling_kernel: str = "auto",
     ):
         super().__init__(
-            query_dim=query_dim, num_groups=num_groups, num_points=num_points, strides=strides, level_offset=1.0
+            query_dim=query_dim,
+            num_groups=num_groups,
+            num_points=num_points,
+            strides=strides,
+            level_offset=1.0,
+            sampling_kernel=sampling_kernel,
         )
         self.num_sub = num_points // self.num_blocks
         self.per_group = subpoint_offsets == "per_group"
@@ -224,20 +402,28 @@ class GroupedPointSampler(PointSampler):
         if self.per_group:
             self._init_sub(bias["sub_offsets"])
 
-    def points(self, q: Tensor, gen: Dict[str, Tensor], xyzr: Tensor, wh: Tensor) -> Tuple[Tensor, Tensor]:
+    def points(
+        self, q: Tensor, gen: Dict[str, Tensor], xyzr: Tensor, wh: Tensor, group_major: bool
+    ) -> Tuple[Tensor, Tensor]:
         B, N = xyzr.shape[:2]
         G, K, S = self.num_groups, self.num_blocks, self.num_sub
-        # one small copy into (B, G, N, ...) order so that every point tensor below is contiguous
-        o1 = gen["offsets"].view(B, N, G, K, 1, 3).transpose(1, 2).contiguous()  # (B, G, N, K, 1, 3)
+        o1 = gen["offsets"].view(B, N, G, K, 1, 3)
         if self.per_group:
-            o2 = gen["sub_offsets"].view(B, N, G, 1, S, 3).transpose(1, 2)
+            o2 = gen["sub_offsets"].view(B, N, G, 1, S, 3)
         else:
-            o2 = self.gen_double_d(q).view(B, 1, N, 1, S, 3)
+            o2 = self.gen_double_d(q).view(B, N, 1, 1, S, 3)
+        if group_major:
+            # one small copy into (B, G, N, ...) order so that every point tensor below is contiguous
+            o1, o2 = o1.transpose(1, 2).contiguous(), o2.transpose(1, 2)
+            ctr, cz, _ = xyzr.view(B, 1, N, 1, 1, 4).split([2, 1, 1], dim=-1)
+            size = wh.view(B, 1, N, 1, 1, 2)
+        else:
+            ctr, cz, _ = xyzr.view(B, N, 1, 1, 1, 4).split([2, 1, 1], dim=-1)
+            size = wh.view(B, N, 1, 1, 1, 2)
         d1xy, d1z = o1.split([2, 1], dim=-1)
         d2xy, d2z = o2.split([2, 1], dim=-1)
-        ctr, cz, _ = xyzr.view(B, 1, N, 1, 1, 4).split([2, 1, 1], dim=-1)
         off = torch.addcmul(d1xy, torch.pow(2.0, d1z), d2xy)
-        xy = torch.addcmul(ctr, wh.view(B, 1, N, 1, 1, 2), off)  # (B, G, N, K, S, 2)
+        xy = torch.addcmul(ctr, size, off)  # (B, G, N, K, S, 2) or (B, N, G, K, S, 2)
         z = cz + d1z + d2z
         return xy, z
 
@@ -261,9 +447,15 @@ class Point3DSampler(PointSampler):
         num_points: int = 32,
         strides: Sequence[int] = (4, 8, 16, 32),
         group_init: bool = False,
+        sampling_kernel: str = "auto",
     ):
         super().__init__(
-            query_dim=query_dim, num_groups=num_groups, num_points=num_points, strides=strides, level_offset=0.0
+            query_dim=query_dim,
+            num_groups=num_groups,
+            num_points=num_points,
+            strides=strides,
+            level_offset=0.0,
+            sampling_kernel=sampling_kernel,
         )
         self.group_init = group_init
 
@@ -292,11 +484,19 @@ class Point3DSampler(PointSampler):
                 b[..., :2].uniform_(-0.5, 0.5)
         b[..., 2] = -1.0
 
-    def points(self, q: Tensor, gen: Dict[str, Tensor], xyzr: Tensor, wh: Tensor) -> Tuple[Tensor, Tensor]:
+    def points(
+        self, q: Tensor, gen: Dict[str, Tensor], xyzr: Tensor, wh: Tensor, group_major: bool
+    ) -> Tuple[Tensor, Tensor]:
         B, N = xyzr.shape[:2]
         G, P = self.num_groups, self.num_points
-        o = gen["offsets"].view(B, N, G, P, 3).transpose(1, 2).contiguous()  # (B, G, N, P, 3)
+        o = gen["offsets"].view(B, N, G, P, 3)
+        if group_major:
+            o = o.transpose(1, 2).contiguous()  # (B, G, N, P, 3)
+            ctr, cz, _ = xyzr.view(B, 1, N, 1, 4).split([2, 1, 1], dim=-1)
+            size = wh.view(B, 1, N, 1, 2)
+        else:
+            ctr, cz, _ = xyzr.view(B, N, 1, 1, 4).split([2, 1, 1], dim=-1)
+            size = wh.view(B, N, 1, 1, 2)
         dxy, dz = o.split([2, 1], dim=-1)
-        ctr, cz, _ = xyzr.view(B, 1, N, 1, 4).split([2, 1, 1], dim=-1)
-        xy = torch.addcmul(ctr, wh.view(B, 1, N, 1, 2), dxy)
+        xy = torch.addcmul(ctr, size, dxy)
         return xy, cz + dz

@@ -110,43 +110,53 @@ def _bilinear_zero_pad(fmap, fx, fy):
     return out
 
 
-def test_grouped_sampling_matches_brute_force():
-    B, N, G, D, P = 1, 2, 2, 8, 8  # K = 2 blocks x S = 4 sub-points
+@pytest.mark.parametrize("kernel", ["grid_sample", "gather"])
+def test_grouped_sampling_matches_brute_force(kernel):
+    B, N, G, D, P = 2, 2, 2, 8, 8  # K = 2 blocks x S = 4 sub-points
     strides = (4, 8)
     torch.manual_seed(0)
-    smp = GroupedPointSampler(query_dim=D, num_groups=G, num_points=P, strides=strides)
+    smp = GroupedPointSampler(query_dim=D, num_groups=G, num_points=P, strides=strides, sampling_kernel=kernel)
     with torch.no_grad():
         smp.gen_double_d.weight.normal_(0, 0.2)
     g = torch.Generator().manual_seed(1)
     fm = [torch.randn(B, D, 8, 8, generator=g), torch.randn(B, D, 4, 4, generator=g)]
     q = torch.randn(B * N, D, generator=g)
     off = torch.randn(B * N * G, 3 * 2, generator=g) * 0.4
-    xyzr = torch.tensor([[[14.0, 17.0, 3.2, 0.3], [20.0, 9.0, 2.5, -0.4]]])
+    # the last box sits on the map's corner: some of its points fall outside (zero padding)
+    xyzr = torch.tensor([[[14.0, 17.0, 3.2, 0.3], [20.0, 9.0, 2.5, -0.4]], [[6.0, 25.0, 2.8, 0.1], [31.0, 1.0, 3.5, 0.2]]])
     wh = torch.pow(2.0, xyzr[..., 2:3] + xyzr[..., 3:4] * torch.tensor([-0.5, 0.5]))
-    out, pts = smp(q, {"offsets": off}, xyzr, wh, smp.fold(fm), return_points=True)
+    maps = smp.prepare(fm)
+    assert bool(maps.tables) == (kernel == "gather")
+    out, pts = smp(q, {"offsets": off}, xyzr, wh, maps, return_points=True)
     assert out.shape == (B * N * G, P, D // G) and pts.shape == (B, N, G, P, 3)
     sub = smp.gen_double_d(q).view(B * N, 4, 3)
     o1 = off.view(B * N, G, 2, 3)
-    for n in range(N):
-        x, y, z, r = xyzr[0, n].tolist()
-        w, h = 2 ** (z - r / 2), 2 ** (z + r / 2)
-        for gi in range(G):
-            for k in range(2):
-                dx0, dy0, dz0 = o1[n, gi, k].tolist()
-                for j in range(4):
-                    dx1, dy1, dz1 = sub[n, j].tolist()
-                    px = x + w * (dx0 + 2 ** dz0 * dx1)
-                    py = y + h * (dy0 + 2 ** dz0 * dy1)
-                    pz = z + dz0 + dz1
-                    logits = torch.tensor([-(pz - 3 - lvl) ** 2 / 2 for lvl in range(2)], dtype=torch.float64)
-                    lw = logits.softmax(0)
-                    exp = sum(
-                        lw[lvl] * _bilinear_zero_pad(fm[lvl][0, gi * 4:(gi + 1) * 4], px / s - 0.5, py / s - 0.5)
-                        for lvl, s in enumerate(strides)
-                    )
-                    got = out[n * G + gi, k * 4 + j].double()
-                    assert torch.allclose(got, exp, atol=1e-5), (n, gi, k, j)
-                    assert torch.allclose(pts[0, n, gi, k * 4 + j].double(), torch.tensor([px, py, pz], dtype=torch.float64), atol=1e-4)
+    outside = 0
+    for b in range(B):
+        for n in range(N):
+            x, y, z, r = xyzr[b, n].tolist()
+            w, h = 2 ** (z - r / 2), 2 ** (z + r / 2)
+            bn = b * N + n
+            for gi in range(G):
+                for k in range(2):
+                    dx0, dy0, dz0 = o1[bn, gi, k].tolist()
+                    for j in range(4):
+                        dx1, dy1, dz1 = sub[bn, j].tolist()
+                        px = x + w * (dx0 + 2 ** dz0 * dx1)
+                        py = y + h * (dy0 + 2 ** dz0 * dy1)
+                        pz = z + dz0 + dz1
+                        outside += not (0 <= px / 4 - 0.5 <= 7 and 0 <= py / 4 - 0.5 <= 7)
+                        logits = torch.tensor([-(pz - 3 - lvl) ** 2 / 2 for lvl in range(2)], dtype=torch.float64)
+                        lw = logits.softmax(0)
+                        exp = sum(
+                            lw[lvl] * _bilinear_zero_pad(fm[lvl][b, gi * 4:(gi + 1) * 4], px / s - 0.5, py / s - 0.5)
+                            for lvl, s in enumerate(strides)
+                        )
+                        got = out[bn * G + gi, k * 4 + j].double()
+                        assert torch.allclose(got, exp, atol=1e-5), (b, n, gi, k, j)
+                        exp_pt = torch.tensor([px, py, pz], dtype=torch.float64)
+                        assert torch.allclose(pts[b, n, gi, k * 4 + j].double(), exp_pt, atol=1e-4)
+    assert outside > 0  # the zero-padding branch was exercised
 
 
 def test_initial_sampling_points_within_box_spec5():
@@ -321,9 +331,9 @@ def test_topk_matches_brute_force():
 # ---------------------------------------------------------------- CPU layout paths (issue 15)
 @pytest.mark.parametrize("B", [1, 2])
 def test_channels_last_maps_give_the_same_outputs(B):
-    """The sampler reads channels-last maps through a free view (batch 1) or one grouped copy
-    (batch > 1); grid_sample returns the same values as for the contiguous maps."""
-    d = small().eval()
+    """grid_sample kernel: the sampler reads channels-last maps through a free view (batch 1)
+    or one grouped copy (batch > 1) and returns the same values as for the contiguous maps."""
+    d = small(sampling_kernel="grid_sample").eval()
     perturb(d)
     f = feats(B=B)
     sizes = torch.tensor([[60.0, 50.0]] * B)
@@ -338,6 +348,73 @@ def test_channels_last_maps_give_the_same_outputs(B):
     if B == 1:  # a free view of the channels-last maps
         cl = [x.contiguous(memory_format=torch.channels_last) for x in f]
         assert d.stages[0].sampler.fold(cl)[0].data_ptr() == cl[0].data_ptr()
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_gather_kernel_is_the_same_function_as_grid_sample(B):
+    """The CPU default for channels-last maps ("auto" -> gather) against grid_sample: equal to
+    1e-12 in float64 (the same function), and in float32 no farther from the float64 result
+    than grid_sample itself (they differ only in round-off: grid_sample goes through
+    normalised coordinates, gather computes x / stride - 0.5 directly)."""
+    f = feats(B=B)
+    cl = [x.contiguous(memory_format=torch.channels_last) for x in f]
+    sizes = torch.tensor([[60.0, 50.0]] * B)
+    decs = {}
+    for kernel in ("auto", "grid_sample"):
+        decs[kernel] = small(sampling_kernel=kernel).eval()
+        perturb(decs[kernel])
+    assert decs["auto"].stages[0].sampler.prepare(cl).tables  # auto picks gather here
+    assert not decs["auto"].stages[0].sampler.prepare(f).tables  # and grid_sample for NCHW
+    with torch.no_grad():
+        ref64 = decs["grid_sample"].double()([x.double() for x in f], sizes)
+        got64 = decs["auto"].double()([x.double() for x in cl], sizes)
+        for a, b in zip(ref64, got64):
+            for k in ("logits", "boxes", "xyzr"):
+                assert torch.allclose(a[k], b[k], rtol=0, atol=1e-10), k
+        out = {k: d.float()(cl, sizes) for k, d in decs.items()}
+    for s, r in enumerate(ref64):
+        for k in ("logits", "boxes", "xyzr"):
+            err = {kern: (o[s][k].double() - r[k]).abs().max().item() for kern, o in out.items()}
+            assert err["auto"] <= 3 * err["grid_sample"] + 1e-5, (s, k, err)
+
+
+def test_gather_kernel_gradients_match_grid_sample():
+    """Training on CPU with channels-last maps: gradients w.r.t. the maps and all parameters
+    (sampling offsets included) equal grid_sample's (float64)."""
+    f = [x.double().contiguous(memory_format=torch.channels_last).requires_grad_() for x in feats(B=2)]
+    sizes = torch.tensor([[60.0, 50.0]] * 2)
+    grads = {}
+    for kernel in ("gather", "grid_sample"):
+        d = small(sampling_kernel=kernel).double()
+        perturb(d)
+        out = d(f, sizes)
+        loss = sum((o["logits"].sigmoid() ** 2).sum() + o["boxes"].sum() * 1e-3 for o in out)
+        params = [p for _, p in sorted(d.named_parameters())]
+        grads[kernel] = torch.autograd.grad(loss, f + params, allow_unused=True)
+    n_nonzero = 0
+    for a, b in zip(grads["gather"], grads["grid_sample"]):
+        if a is None or b is None:
+            assert a is None and b is None
+            continue
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
+        n_nonzero += bool(b.abs().sum() > 0)
+    assert n_nonzero > 20
+
+
+def test_sampling_kernel_choice_is_validated_and_gather_refuses_export():
+    with pytest.raises(ValueError, match="sampling_kernel"):
+        small(sampling_kernel="bilinear")
+    smp = GroupedPointSampler(query_dim=8, num_groups=2, num_points=8, strides=(4, 8), sampling_kernel="gather")
+    fm = [torch.randn(1, 8, 8, 8), torch.randn(1, 8, 4, 4)]
+    maps = smp.prepare(fm)  # explicit gather on NCHW maps: one channels-last copy of the rows
+    assert maps.tables[0].shape == (8 * 8 * 2, 4) and maps.tables[0].is_contiguous()
+    assert torch.equal(maps.tables[0].view(8, 8, 2, 4)[3, 5, 1], fm[0][0, 4:, 3, 5])
+
+    def trace(x):
+        return smp.prepare([x, fm[1]]).tables[0]
+
+    with pytest.raises(ValueError, match="cannot be traced"):
+        torch.jit.trace(trace, (fm[0],))
 
 
 def test_generator_weight_column_major_survives_load_and_casts():

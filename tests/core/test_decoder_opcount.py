@@ -14,6 +14,10 @@ from stageinteractor.core.decoder import StageInteractorDecoder
 from stageinteractor.core.op_count import count_decoder_inference
 
 BUDGET = 1000
+# CPU with channels-last maps (what the neck emits in CPU inference): the sampler's gather
+# kernel spends ~28 more small ops per stage on bilinear indices and weights to replace
+# grid_sample, the level sum and the permute (about 3x less sampling time, issue 15)
+CPU_CHANNELS_LAST_BUDGET = 1200
 
 
 def _count(decoder, feats, sizes):
@@ -50,3 +54,18 @@ def test_adamixer_baseline_within_budget():
     ).eval()
     total = sum(_count(d, *_inputs(64)).values())
     assert total <= BUDGET, f"{total} aten ops > budget {BUDGET} (torch {torch.__version__})"
+
+
+def test_cpu_channels_last_inference_op_budget():
+    torch.manual_seed(0)
+    d = StageInteractorDecoder(query_dim=64, ffn_dim=128, num_queries=10, num_classes=5, check_inputs=False).eval()
+    feats, sizes = _inputs(64)
+    cl = [f.contiguous(memory_format=torch.channels_last) for f in feats]
+    assert d.stages[0].sampler.prepare(cl).tables  # the gather kernel runs
+    counts = _count(d, cl, sizes)
+    total = sum(counts.values())
+    assert counts["aten._embedding_bag_forward_only"] == 4 * 6 and "aten.grid_sampler_2d" not in counts
+    assert total <= CPU_CHANNELS_LAST_BUDGET, (
+        f"{total} aten ops > budget {CPU_CHANNELS_LAST_BUDGET} (torch {torch.__version__}); "
+        f"top ops: {counts.most_common(12)}"
+    )

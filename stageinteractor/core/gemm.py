@@ -1,0 +1,81 @@
+"""CPU matrix-product helpers for the decoder's wide generator GEMM.
+
+Each stage's fused generator (:class:`~stageinteractor.core.stage.DecoderStage`) is a Linear
+with few rows (the B*N queries) and a very wide output (26k-50k columns at R50-100q). For that
+shape the CPU BLAS (MKL) reaches only 58-72 % of its square-sgemm rate on a 2-core EPYC: the
+output row panel it streams is far larger than the caches. Splitting the columns into blocks of
+:data:`COLUMN_BLOCK` and running one GEMM per block, each writing its slice of one preallocated
+output, brings the same product to 76-99 % of that rate (1 and 2 threads, 100 and 300 queries;
+``docs/BENCHMARKS.md``). Every output element is the same dot product in the same order, so the
+result is bit-identical to ``F.linear``.
+
+The blocked product is **one** batched GEMM: the (K, N) weight viewed as n column blocks
+(n, K, N/n), the input broadcast over them (a stride-0 batch), and the result written through
+the (M, n, N/n) -> (n, M, N/n) view of one (M, N) output, so nothing is copied; the bias is
+added afterwards in place (the same sums up to float round-off). Used only where it helps and
+is safe: CPU tensors, no autograd (``out=`` records no graph), not while tracing / exporting,
+weights of at least :data:`MIN_BLOCKED_WEIGHT_BYTES` (smaller weights stay in the caches and
+gain nothing) and outputs with a divisor of N near :data:`COLUMN_BLOCK` columns (n >= 3). Everywhere else
+(CUDA, training, export) this is ``F.linear``.
+"""
+from functools import lru_cache
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["COLUMN_BLOCK", "MIN_BLOCKED_WEIGHT_BYTES", "column_blocks", "wide_linear"]
+
+# target columns per block; 1024-3072 are all within a few % of the best on the measured machine
+COLUMN_BLOCK = 1536
+# below this the (K, N) weight fits the last-level cache and the plain GEMM is as fast
+MIN_BLOCKED_WEIGHT_BYTES = 8 << 20
+
+
+@lru_cache(maxsize=None)
+def column_blocks(n_cols: int, block: int = COLUMN_BLOCK) -> int:
+    """Number of equal column blocks for an output of ``n_cols`` columns: the divisor n of
+    ``n_cols`` whose block width ``n_cols / n`` is closest to ``block`` within [block/2, 2*block];
+    1 (no blocking) when there is none or when fewer than 3 blocks would result."""
+    best, best_gap = 1, None
+    for n in range(3, n_cols // max(block // 2, 1) + 1):
+        if n_cols % n:
+            continue
+        width = n_cols // n
+        if block // 2 <= width <= 2 * block:
+            gap = abs(width - block)
+            if best_gap is None or gap < best_gap:
+                best, best_gap = n, gap
+    return best
+
+
+def wide_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for x (M, K), weight (N, K), bias (N,) -> (M, N).
+
+    On CPU without autograd: one ``bmm`` over :func:`column_blocks` column blocks of the
+    weight into a preallocated (M, N) output, then ``+ bias`` in place."""
+    n_cols, k = weight.shape
+    if (
+        x.device.type != "cpu"
+        or x.dim() != 2
+        or weight.numel() * weight.element_size() < MIN_BLOCKED_WEIGHT_BYTES
+        or torch.is_grad_enabled()
+        or torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+    ):
+        return F.linear(x, weight, bias)
+    n = column_blocks(n_cols)
+    if n == 1 or weight.stride() != (1, n_cols):  # blocks are views of a column-major weight
+        return F.linear(x, weight, bias)
+    m, width = x.shape[0], n_cols // n
+    out = x.new_empty(m, n_cols)
+    # (n, M, K) x (n, K, N/n) -> (n, M, N/n): block b of the column-major weight is
+    # weight[b*width:(b+1)*width].t() (strides (width, N, 1)); the result is written through
+    # the same block view of the (M, N) output
+    torch.bmm(
+        x.expand(n, m, k),
+        weight.as_strided((n, k, width), (width, n_cols, 1)),
+        out=out.as_strided((n, m, width), (width, n_cols, 1)),
+    )
+    return out if bias is None else out.add_(bias)
