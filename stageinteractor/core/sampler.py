@@ -55,7 +55,7 @@ class SamplingMaps(NamedTuple):
     folded: L group-folded maps (B*G, C/G, H_l, W_l) for the grid_sample kernel (else []).
     grid_scales: L (2,) normalisers ``2 / padded size`` (grid_sample kernel; else []).
     tables: L row tables (B*H_l*W_l*G, C/G) of channels-last maps for the gather kernel (else []).
-    limits: (L, 2, 1, 1) float, the largest pixel index (W_l - 1, H_l - 1) per axis.
+    limits: (L, 2, 1, 1) int64, the largest pixel index (W_l - 1, H_l - 1) per axis.
     rows: (L, 2, 1, 1, 1, 1, 1) int64, the table rows between neighbours along x, y (G, W_l*G).
     base: (L, 2, 1, B, 1, G, 1) int64, the row of pixel (0, 0) of image b, group g (x slot;
         the y slot is 0).
@@ -172,19 +172,21 @@ class PointSampler(nn.Module):
             # (B, H, W, C) -> rows of C/G channels; a free view of a channels-last map (explicit
             # "gather" on contiguous maps makes one channels-last copy, shared by all stages)
             tables.append(f.permute(0, 2, 3, 1).reshape(B * H * W * G, C // G))
-            limits.append([W - 1, H - 1])
-            rows.append([G, W * G])
-            base.append([[[b * H * W * G + g for g in range(G)] for b in range(B)], [[0] * G] * B])
+            limits += [W - 1, H - 1]
+            rows += [G, W * G]
+            base += [b * H * W * G + g for b in range(B) for g in range(G)] + [0] * (B * G)  # x, y slots
         dev = features[0].device
         L = len(features)
-        # host-built, non-blocking copies (no host sync)
+        # one host-built int64 tensor, one non-blocking copy (no host sync), three views
+        packed = torch.tensor(limits + rows + base, dtype=torch.int64).to(dev, non_blocking=True)
+        lim, step, start = packed.split([2 * L, 2 * L, 2 * L * B * G])
         return SamplingMaps(
             folded=[],
             grid_scales=[],
             tables=tables,
-            limits=torch.tensor(limits, dtype=torch.float32).view(L, 2, 1, 1).to(dev, non_blocking=True),
-            rows=torch.tensor(rows, dtype=torch.int64).view(L, 2, 1, 1, 1, 1, 1).to(dev, non_blocking=True),
-            base=torch.tensor(base, dtype=torch.int64).view(L, 2, 1, B, 1, G, 1).to(dev, non_blocking=True),
+            limits=lim.view(L, 2, 1, 1),
+            rows=step.view(L, 2, 1, 1, 1, 1, 1),
+            base=start.view(L, 2, 1, B, 1, G, 1),
             offsets={},
         )
 
