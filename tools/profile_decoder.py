@@ -27,16 +27,16 @@ if _REPO_ROOT not in sys.path:
 GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::matmul")
 
 
-def _wrap(module, name: str) -> None:
+def _wrap(module, name: str, method: str = "forward") -> None:
     from torch.profiler import record_function
 
-    inner = module.forward
+    inner = getattr(module, method)
 
-    def forward(*args, **kwargs):
+    def wrapped(*args, **kwargs):
         with record_function(name):
             return inner(*args, **kwargs)
 
-    module.forward = forward
+    setattr(module, method, wrapped)
 
 
 def main(argv=None) -> None:
@@ -90,9 +90,10 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     run()
     plain = time.perf_counter() - t0
-    parts = {"attention": "attention", "sampler": "sampler", "mixing": "mixing", "generator": "generator"}
+    parts = {"attention": "attention", "sampler": "sampler", "mixing": "mixing"}
     for s, st in enumerate(dec.stages):
         _wrap(st, f"stage{s}")
+        _wrap(st, "part.generator", method="generate")  # the fused generator GEMM (+ gate sigmoid)
         for attr, name in parts.items():
             _wrap(getattr(st, attr), f"part.{name}")
         _wrap(st.mixing.out_proj, "part.mixing.out_proj")
