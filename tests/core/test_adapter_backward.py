@@ -1,5 +1,5 @@
 """The training path of the Eq. 3 adapter (``_AdaptedFilter``): same forward as the inference
-expression, and gradients equal to autograd's through the two lerps (and to finite differences)."""
+expression, and gradients equal to autograd's through the lerp (and to finite differences)."""
 import torch
 
 from stageinteractor.core.dynamic_mixing import _AdaptedFilter
@@ -18,8 +18,13 @@ def test_adapter_function_matches_plain_autograd():
     args = _inputs(torch.float64)
     got = _AdaptedFilter.apply(*args)
     m_cur, m_j, a, c = args
-    exp = torch.lerp(m_cur, torch.lerp(m_cur, m_j, a), c)
+    exp = torch.lerp(m_cur, m_j, a * c)
     assert torch.equal(got, exp)  # identical forward expression
+    # and the inference path (no autograd, written over the weight buffer) computes the same
+    from stageinteractor.core.dynamic_mixing import _adapt_inference
+
+    with torch.no_grad():
+        assert torch.equal(_adapt_inference(*(t.detach() for t in args)), exp.detach())
     # Eq. 3 by hand: (a c^T) * M_j + (1 - a c^T) * M_cur
     w = a * c
     assert torch.allclose(got, w * m_j + (1 - w) * m_cur, atol=1e-12)
