@@ -67,26 +67,29 @@ export STAGEINTERACTOR_REQUIRE_LAYERS=all
 export STAGEINTERACTOR_LAYER_SUMMARY="$LOGS/layers.txt"
 cd "$CLONE"
 
-echo "== ci-clean: make demo"
-T1=$(date +%s)
-make demo PYTHON="$PY" 2>&1 | tee "$LOGS/demo.log"
-DEMO_RC=${PIPESTATUS[0]}
-T2=$(date +%s)
-echo "== ci-clean: make demo exit $DEMO_RC in $((T2 - T1)) s"
-[ "$DEMO_RC" -eq 0 ] || fail "make demo exited $DEMO_RC"
+# `make <target>` with the venv's python, logged to $LOGS/<target>.log; fails unless it exits 0.
+# Sets SECS to its wall time.
+run_make() {
+    local target=$1 t0 rc
+    echo "== ci-clean: make $target"
+    t0=$(date +%s)
+    make "$target" PYTHON="$PY" 2>&1 | tee "$LOGS/$target.log"
+    rc=${PIPESTATUS[0]}
+    SECS=$(( $(date +%s) - t0 ))
+    echo "== ci-clean: make $target exit $rc in $SECS s"
+    [ "$rc" -eq 0 ] || fail "make $target exited $rc"
+}
+
+run_make demo
+DEMO_SECS=$SECS
 AP50=$("$PY" -c "import json; print(json.load(open('output/demo/demo_summary.json'))['stageinteractor']['results']['AP50'])") \
     || fail "make demo wrote no output/demo/demo_summary.json"
 "$PY" -c "import sys; sys.exit(0 if float('$AP50') >= float('$MIN_AP50') else 1)" \
     || fail "demo AP50 $AP50 < $MIN_AP50"
 echo "== ci-clean: demo AP50 $AP50 (>= $MIN_AP50)"
 
-echo "== ci-clean: make test"
-T3=$(date +%s)
-make test PYTHON="$PY" 2>&1 | tee "$LOGS/test.log"
-TEST_RC=${PIPESTATUS[0]}
-T4=$(date +%s)
-echo "== ci-clean: make test exit $TEST_RC in $((T4 - T3)) s"
-[ "$TEST_RC" -eq 0 ] || fail "make test exited $TEST_RC"
+run_make test
+TEST_SECS=$SECS
 
 # pytest's -ra summary: "SKIPPED [n] file:line: reason" (or "file: reason" for a module). The only
 # reason allowed is tests/conftest.py's GPU_SKIP_REASON, given to tests marked `gpu` without CUDA
@@ -101,5 +104,5 @@ for layer in core detectron2 detrex; do
         || fail "layer $layer did not run: $(grep "^layer $layer" "$LOGS/layers.txt")"
 done
 cat "$LOGS/layers.txt"
-echo "== ci-clean: PASSED in $(( $(date +%s) - T0 )) s (make demo $((T2 - T1)) s, AP50 $AP50;" \
-     "make test $((T4 - T3)) s)"
+echo "== ci-clean: PASSED in $(( $(date +%s) - T0 )) s (make demo $DEMO_SECS s, AP50 $AP50;" \
+     "make test $TEST_SECS s)"

@@ -9,22 +9,9 @@ from .query_generator import InitialQueryGenerator
 from .sampler import SAMPLING_KERNELS
 from .stage import DecoderStage
 from .switches import ADAMIXER_BASELINE, check_choice, resolve_switches
+from .tracing import is_tracing
 
 __all__ = ["StageInteractorDecoder"]
-
-
-def _is_tracing() -> bool:
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return True
-    try:
-        if torch.compiler.is_compiling():
-            return True
-    except AttributeError:  # pragma: no cover
-        pass
-    try:
-        return bool(torch.onnx.is_in_onnx_export())
-    except AttributeError:  # pragma: no cover
-        return False
 
 
 class StageInteractorDecoder(nn.Module):
@@ -224,7 +211,7 @@ class StageInteractorDecoder(nn.Module):
             one dict per stage: ``logits`` (B, N, K), ``xyzr`` (B, N, 4) refined, ``boxes``
             (B, N, 4) xyxy absolute, ``input_xyzr`` (B, N, 4) (detached stage input).
         """
-        if self.check_inputs and not _is_tracing():
+        if self.check_inputs and not is_tracing():
             self._validate(features, image_sizes)
         f0 = features[0]
         # box geometry stays float32 even when the features are bf16/fp16 (autocast)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .tracing import is_exporting
+
 __all__ = ["COLUMN_BLOCK", "MIN_BLOCKED_WEIGHT_BYTES", "column_blocks", "wide_linear"]
 
 # target columns per block; 1024-3072 are all within a few % of the best on the measured machine
@@ -61,8 +63,7 @@ def wide_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Ten
         or x.dim() != 2
         or weight.numel() * weight.element_size() < MIN_BLOCKED_WEIGHT_BYTES
         or torch.is_grad_enabled()
-        or torch.jit.is_tracing()
-        or torch.jit.is_scripting()
+        or is_exporting()
     ):
         return F.linear(x, weight, bias)
     n = column_blocks(n_cols)

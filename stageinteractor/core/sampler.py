@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .tracing import is_exporting
+
 __all__ = [
     "SAMPLING_KERNELS",
     "SamplingMaps",
@@ -70,16 +72,6 @@ class SamplingMaps(NamedTuple):
     rows: Optional[Tensor] = None
     base: Optional[Tensor] = None
     offsets: Optional[Dict[int, Tensor]] = None
-
-
-def _exporting() -> bool:
-    """Tracing (TorchScript) or ONNX export: only the grid_sample kernel is exported."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return True
-    try:
-        return bool(torch.onnx.is_in_onnx_export())
-    except AttributeError:  # pragma: no cover
-        return False
 
 
 def num_spatial_blocks(num_points: int) -> int:
@@ -157,10 +149,10 @@ class PointSampler(nn.Module):
         if kernel == "grid_sample":
             return False
         if kernel == "gather":
-            if _exporting():
+            if is_exporting():
                 raise ValueError('sampling_kernel="gather" cannot be traced or exported; use "auto" or "grid_sample"')
             return True
-        if _exporting() or features[0].device.type != "cpu":
+        if is_exporting() or features[0].device.type != "cpu":
             return False
         return all(f.permute(0, 2, 3, 1).is_contiguous() for f in features)
 
