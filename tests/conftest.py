@@ -353,7 +353,8 @@ class Accel:
     def build(self, factory, *args, **kwargs):
         """``factory(*args, **kwargs)`` with its modules and tensors created on the device
         (``meta``: under ``torch.device("meta")``; ``fake_cuda``: under the fake mode and
-        ``torch.device("cuda")``; ``cuda``: built on the CPU, then moved)."""
+        ``torch.device("cuda")``; ``cuda``: built on the CPU), then a module is moved there
+        (:meth:`to`) like a real run's ``model.to(device)``."""
         torch = importlib.import_module("torch")
         if self.kind == "cuda":
             return self.to(factory(*args, **kwargs))
@@ -362,7 +363,10 @@ class Accel:
             if self.mode is not None:
                 ctx.enter_context(self.mode)
             ctx.enter_context(torch.device(self.device))
-            return factory(*args, **kwargs)
+            out = factory(*args, **kwargs)
+        # then moved, as a real run moves a built model: what the constructor made on the CPU
+        # regardless of the default device (``torch.Tensor(n)``, explicit ``device="cpu"``)
+        return self.to(out) if isinstance(out, torch.nn.Module) else out
 
     def to(self, obj):
         """A CPU tensor (detached copy), module (in place) or list/tuple/dict of them on the
