@@ -35,9 +35,9 @@ from stageinteractor.requirements import require  # noqa: E402
 
 require("tools/convert_official_checkpoint.py", "detectron2")
 
-from stageinteractor.d2.official_checkpoint import (  # noqa: E402
+from stageinteractor.d2.config_model import build_config_model  # noqa: E402
+from stageinteractor.official.checkpoint import (  # noqa: E402
     ConversionError,
-    build_config_model,
     check_against_model,
     convert_official_to_ours,
     convert_ours_to_official,

@@ -248,7 +248,7 @@ def find_parity_fixture(repo_root: "str | Path | None" = None) -> Optional[Path]
     official_decoder_parity`` (the copy in the repository, so a plain clone finds it),
     ``<repo>/../shared/fixtures/official_decoder_parity`` and
     ``<repo>/shared/fixtures/official_decoder_parity``."""
-    root = Path(repo_root) if repo_root is not None else Path(__file__).resolve().parents[3]
+    root = Path(repo_root) if repo_root is not None else Path(__file__).resolve().parents[2]
     sub = Path("fixtures") / "official_decoder_parity"
     candidates = [os.environ.get("STAGEINTERACTOR_PARITY_FIXTURE", ""),
                   str(root / "tests" / sub),

@@ -16,8 +16,8 @@ Layout source: ``shared/spec/official_checkpoint_layout.md`` §6-§7.
 * :func:`decoder_official_to_ours` / :func:`decoder_ours_to_official` convert decoder state
   dicts (exactly invertible: dead layers come back as zeros, constant buffers regenerated).
 
-Pure PyTorch: the detectron2 layer (``stageinteractor.d2.official_checkpoint``) adds the
-backbone and neck and the file handling.
+Pure PyTorch: :mod:`stageinteractor.official.checkpoint` adds the backbone and neck and the
+file handling.
 """
 from __future__ import annotations
 
@@ -351,7 +351,7 @@ def _stage_rename(s: int, rest: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Decoder-only conversion (the d2 layer adds backbone, neck and file handling)
+# Decoder-only conversion (official/checkpoint.py adds backbone, neck and file handling)
 # --------------------------------------------------------------------------------------------
 
 def decoder_official_to_ours(

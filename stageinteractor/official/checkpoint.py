@@ -1,13 +1,13 @@
 """Convert the authors' (mmdet 2.12 fork) StageInteractor checkpoints to our layout and back.
 
-Official layout: ``shared/spec/official_checkpoint_layout.md``. A checkpoint is a
+Official layout: the project's spec ``official_checkpoint_layout.md``. A checkpoint is a
 ``torch.save`` dict ``{"meta", "state_dict", "optimizer"}`` (or a bare state dict) with keys
 ``backbone.*`` (R50 / R101 / X101-DCN / Swin-S), ``neck.*`` (ChannelMapping), ``rpn_head.*``
 (initial queries) and ``roi_head.bbox_head.{s}.*`` (the decoder stages).
 
 Our model (:class:`stageinteractor.d2.meta_arch.StageInteractor`) holds ``backbone.``,
 ``neck.`` and ``decoder.``. The decoder part of the mapping lives in the core
-(:mod:`stageinteractor.core.official_layout`); this module adds
+(:mod:`stageinteractor.official.layout`); this module adds
 
 * the backbone and neck layouts and renames (incl. the Swin patch-merging re-ordering);
 * :func:`convert_official_to_ours` / :func:`convert_ours_to_official` on state dicts, which
@@ -15,9 +15,9 @@ Our model (:class:`stageinteractor.d2.meta_arch.StageInteractor`) holds ``backbo
 * file handling with one clear :class:`ConversionError` per bad input (not a checkpoint,
   truncated file, another detector) and an atomic writer.
 
-The CLI is ``tools/convert_official_checkpoint.py``. The key mapping uses no detectron2 API
-(the decoder part is pure core code); :func:`build_config_model` builds a LazyConfig's model
-to check a converted state dict against it (:func:`check_against_model`).
+The CLI is ``tools/convert_official_checkpoint.py``. Nothing here uses detectron2: the tool
+builds a LazyConfig's model (:func:`stageinteractor.d2.config_model.build_config_model`) to
+check a converted state dict against it (:func:`check_against_model`).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from stageinteractor.core.official_layout import (
+from stageinteractor.official.layout import (
     DecoderHParams,
     FusedMap,
     KeyMap,
@@ -55,7 +55,6 @@ __all__ = [
     "convert_official_to_ours",
     "convert_ours_to_official",
     "check_against_model",
-    "build_config_model",
     "save_atomically",
 ]
 
@@ -526,7 +525,7 @@ def convert_ours_to_official(
 
 
 def _content_key() -> str:
-    from stageinteractor.core import official_layout as ol
+    from stageinteractor.official import layout as ol
 
     return ol.OURS_CONTENT_KEY
 
@@ -556,30 +555,3 @@ def check_against_model(sd: Mapping[str, Tensor], model_sd: Mapping[str, Tensor]
         if k not in sd:
             raise ConversionError(f"{source}: the model built from the config needs {k!r} (shape "
                                   f"{list(_shape(v))}) but the converted checkpoint has none")
-
-
-def build_config_model(config_file: str) -> torch.nn.Module:
-    """``cfg.model`` of a LazyConfig, its parts built on the meta device (shapes only: no
-    memory, no init time) where their constructors allow it, else on the CPU. Needs detectron2."""
-    from detectron2.config import LazyConfig, instantiate
-    from detectron2.utils.registry import locate
-
-    if not os.path.isfile(config_file):
-        raise ConversionError(f"{config_file}: no such config file")
-    cfg = LazyConfig.load(config_file)
-
-    def build(node):
-        try:
-            with torch.device("meta"):
-                return instantiate(node)
-        except (NotImplementedError, RuntimeError):  # computes a value at construction
-            return instantiate(node)
-
-    try:
-        with torch.device("meta"):
-            return instantiate(cfg.model)
-    except (NotImplementedError, RuntimeError):
-        pass
-    target = cfg.model._target_
-    target = locate(target) if isinstance(target, str) else target
-    return target(**{k: build(v) for k, v in cfg.model.items() if k != "_target_"})
