@@ -17,7 +17,8 @@ temporary file whose tail is shown when it fails.
 * ``quit`` -> ``{"bye": true}``, then the worker exits;
 * any failure -> ``{"error": str}`` (raised here as ``RuntimeError``).
 
-Imports only the standard library (this side runs in our environment, the worker in theirs).
+Imports only the standard library and :mod:`stageinteractor.errors` (this side runs in our
+environment, the worker in theirs).
 """
 
 import json
@@ -25,6 +26,8 @@ import os
 import subprocess
 import tempfile
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+from stageinteractor.errors import UserError
 
 __all__ = ["DEFAULT_WORKER", "ReferenceSettingsError", "resolve_reference", "OfficialReference"]
 
@@ -38,8 +41,9 @@ _NOT_GIVEN = (
 )
 
 
-class ReferenceSettingsError(ValueError):
-    """The authors' environment was asked for but cannot be used (one-line message)."""
+class ReferenceSettingsError(UserError, ValueError):
+    """The authors' environment was asked for but cannot be used (a user mistake: a tool ends on
+    it with one line, :func:`stageinteractor.errors.run_tool`)."""
 
 
 def resolve_reference(
