@@ -34,6 +34,8 @@ import torch
 from torch import Tensor
 
 from stageinteractor.official.layout import (
+    OURS_CONTENT_KEY,
+    OURS_STAGES_PREFIX,
     DecoderHParams,
     FusedMap,
     KeyMap,
@@ -73,10 +75,11 @@ class ConversionError(Exception):
 @dataclass
 class ConversionReport:
     """What a conversion did: ``mapped`` official->ours pairs, ``dropped`` key->reason,
-    ``warnings`` (e.g. non-zero dead layers), ``backbone`` and ``num_queries``."""
+    ``warnings`` (e.g. non-zero dead layers), ``backbone``, ``num_queries`` and ``num_classes``."""
 
     backbone: str = ""
     num_queries: int = 0
+    num_classes: int = 0
     mapped: List[Tuple[str, str]] = field(default_factory=list)
     dropped: Dict[str, str] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
@@ -90,7 +93,7 @@ class ConversionReport:
         n_fused_src = sum(c for c in fused.values() if c > 1)
         n_fused_dst = sum(1 for c in fused.values() if c > 1)
         lines = [
-            f"backbone: {self.backbone}, queries: {self.num_queries}",
+            f"backbone: {self.backbone}, queries: {self.num_queries}, classes: {self.num_classes}",
             f"mapped: {len(self.mapped)} keys -> {n_ours} keys of ours ({n_fused_src} official generator "
             f"tensors fused into {n_fused_dst} per-stage 'generator' tensors)",
             f"dropped: {len(self.dropped)} keys",
@@ -447,21 +450,22 @@ def convert_official_to_ours(
     if not all(m in sd for m in _STAGEINTERACTOR_MARKERS):
         raise ConversionError(f"{source}: " + _describe_other(sd, meta))
     kind = detect_backbone(sd, source)
-    num_queries = int(sd["rpn_head.init_content_features.weight"].shape[0])
-    hp = hp or DecoderHParams(num_queries=num_queries)
+    hp = hp or _hparams(sd, "rpn_head.init_content_features.weight", "roi_head.bbox_head.0.fc_cls.weight")
+    num_queries = hp.num_queries
     layout = official_layout(kind, num_queries, hp)
     for k, v in sd.items():
         if k not in layout:
             raise ConversionError(
                 f"{source}: unknown key {k!r} (shape {list(_shape(v))}); it is not in the official "
-                f"StageInteractor {kind} layout with {num_queries} queries (expected shape: none)")
+                f"StageInteractor {kind} layout with {num_queries} queries, {hp.num_classes} classes "
+                f"(expected shape: none)")
         if _shape(v) != layout[k]:
             raise ConversionError(f"{source}: shape mismatch for {k!r}: found {list(_shape(v))}, expected {list(layout[k])}")
     for k, shape in layout.items():
         if k not in sd:
             raise ConversionError(f"{source}: missing key {k!r} (found: none, expected shape {list(shape)})")
 
-    report = ConversionReport(backbone=kind, num_queries=num_queries)
+    report = ConversionReport(backbone=kind, num_queries=num_queries, num_classes=hp.num_classes)
     out: "OrderedDict[str, Tensor]" = OrderedDict()
     nonzero_dead: List[str] = []
     for m in key_maps(kind, num_queries, hp):
@@ -488,18 +492,19 @@ def convert_ours_to_official(
     sd: Mapping[str, Tensor], *, source: str = "checkpoint", hp: Optional[DecoderHParams] = None,
 ) -> "OrderedDict[str, Tensor]":
     """Our model's state dict -> official layout (dead layers and constant buffers regenerated)."""
-    if "decoder." + _content_key() not in sd:
+    if "decoder." + OURS_CONTENT_KEY not in sd:
         raise ConversionError(f"{source}: not a checkpoint of this project's StageInteractor model "
-                              f"(missing 'decoder.{_content_key()}'; first keys: {list(sd)[:3]})")
+                              f"(missing 'decoder.{OURS_CONTENT_KEY}'; first keys: {list(sd)[:3]})")
     kind = _detect_our_backbone(sd, source)
-    num_queries = int(sd["decoder." + _content_key()].shape[0])
-    hp = hp or DecoderHParams(num_queries=num_queries)
+    hp = hp or _hparams(sd, "decoder." + OURS_CONTENT_KEY, "decoder." + _ours_cls_key())
+    num_queries = hp.num_queries
     maps = key_maps(kind, num_queries, hp)
     expected_ours = {m.ours for m in maps if m.ours is not None}
     for k, v in sd.items():
         if k not in expected_ours:
             raise ConversionError(f"{source}: unknown key {k!r} (shape {list(_shape(v))}) for a {kind} "
-                                  f"model with {num_queries} queries (expected shape: none)")
+                                  f"model with {num_queries} queries, {hp.num_classes} classes "
+                                  f"(expected shape: none)")
     values: Dict[str, Tensor] = {}
     for m in maps:
         if m.ours is None:
@@ -524,10 +529,17 @@ def convert_ours_to_official(
     return OrderedDict((k, values[k]) for k in official_layout(kind, num_queries, hp))
 
 
-def _content_key() -> str:
-    from stageinteractor.official import layout as ol
+def _ours_cls_key() -> str:
+    return f"{OURS_STAGES_PREFIX}.0.cls_logits.weight"
 
-    return ol.OURS_CONTENT_KEY
+
+def _hparams(sd: Mapping[str, Tensor], queries_key: str, classes_key: str) -> DecoderHParams:
+    """The released decoder's hyper-parameters with the number of queries and of classes read
+    from the state dict (rows of the content embedding / of the first classifier; 80 classes
+    when the classifier is missing, which the key check then names)."""
+    cls = sd.get(classes_key)
+    return DecoderHParams(num_queries=int(sd[queries_key].shape[0]),
+                          num_classes=int(cls.shape[0]) if cls is not None and cls.dim() == 2 else 80)
 
 
 def _detect_our_backbone(sd: Mapping[str, Tensor], source: str) -> str:

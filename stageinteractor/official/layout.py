@@ -2,7 +2,9 @@
 
 "Decoder" here = the official ``rpn_head`` (initial-query generator) + ``roi_head`` (the 6
 ``StageInteractorHead`` stages), i.e. everything our :class:`StageInteractorDecoder` holds.
-Layout source: ``shared/spec/official_checkpoint_layout.md`` §6-§7.
+Layout source: the authors' ``mmdet/models/dense_heads/query_generator.py`` and
+``mmdet/models/roi_heads/bbox_heads/stageinteractor_head.py``; the keys and parameter counts
+are checked in ``tests/core/test_official_layout.py``, the values in ``test_official_parity.py``.
 
 * :func:`official_decoder_layout` lists the official keys and shapes (state-dict order) for a
   given number of queries / classes / stages.
@@ -39,6 +41,7 @@ __all__ = [
     "decoder_official_to_ours",
     "decoder_ours_to_official",
     "OURS_CONTENT_KEY",
+    "OURS_STAGES_PREFIX",
 ]
 
 Shape = Tuple[int, ...]

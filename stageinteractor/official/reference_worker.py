@@ -1,7 +1,8 @@
 """The authors' StageInteractor (R50, 100 queries) as a timing reference: a persistent worker.
 
-Runs in the **authors' Python environment** (``../shared/tools/official_runtime/setup.sh``
-builds one: their mmdet 2.12 fork, mmcv 1.x without compiled ops), never in ours, and imports
+Runs in the **authors' Python environment** (``python scripts/build_official_env.py VENV``
+builds one: their mmdet 2.12 fork, mmcv 1.x without compiled ops; docs/OFFICIAL.md), never in
+ours, and imports
 nothing else of this project (``stageinteractor`` and ``stageinteractor.official`` import
 nothing): ``tools/benchmark.py --official-python PY --official-repo DIR`` starts it through
 ``tools/official_reference.py`` as a separate process and times it interleaved with our model,
@@ -27,7 +28,8 @@ Line protocol (stdin -> stdout, one JSON object per line; everything else goes t
 * ``quit``     -> ``{"bye": true}`` and exit.
 
 Errors are answered with ``{"error": "..."}``. Times are measured inside the worker around the
-call only (wall clock and this process's CPU time), so the pipe adds nothing to them.
+call only (wall clock and this process's CPU time), so the pipe adds nothing to them. The
+client side is :mod:`stageinteractor.official.reference_client`.
 """
 import argparse
 import collections
@@ -36,6 +38,11 @@ import os
 import sys
 import time
 import warnings
+
+# the protocol: commands answered with times, the other commands, and how to get the environment
+TIMED_COMMANDS = ("decoder", "backbone", "whole")
+COMMANDS = TIMED_COMMANDS + ("count", "quit")
+BUILD_HINT = "python scripts/build_official_env.py VENV builds it (docs/OFFICIAL.md)"
 
 
 def _reply(out, obj) -> None:
@@ -58,7 +65,7 @@ def _build(repo: str, size, seed: int):
         except ImportError as e:
             raise SystemExit(
                 f"official_reference.py: run it with the Python of the authors' environment "
-                f"(../shared/tools/official_runtime/setup.sh): {e}"
+                f"({BUILD_HINT}): {e}"
             )
 
         cfg = Config.fromfile("configs/stageinteractor/stageinteractor_r50_1x_coco.py")

@@ -103,3 +103,27 @@ def test_no_second_copy_of_the_authors_layout():
     for old in ("stageinteractor/core/official_layout.py", "stageinteractor/core/testing",
                 "stageinteractor/d2/official_checkpoint.py"):
         assert not (REPO / old).exists(), old
+
+
+USER_FACING = ("README.md", "docs", "tools", "scripts", "configs", "projects", "stageinteractor",
+               "Makefile", "pyproject.toml")
+# the benchmark's client of the reference worker (helper meas's files, being moved this session)
+# still names the old script; it should say reference_worker.BUILD_HINT. Remove when it does.
+PENDING = ("tools/benchmark.py", "stageinteractor/official/reference_client.py")
+
+
+def test_no_user_facing_file_points_into_shared():
+    """A clone has no ``../shared``: README, docs, tools, scripts, configs and the package name
+    files of the repository only (the parity fixtures are in tests/fixtures)."""
+    hits = []
+    for name in USER_FACING:
+        root = REPO / name
+        files = [root] if root.is_file() else [f for f in root.rglob("*") if f.is_file()]
+        for f in files:
+            if f.suffix in {".png", ".jpg", ".pt", ".pth", ".pyc"} or str(f.relative_to(REPO)) in PENDING:
+                continue
+            for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
+                if "../shared" in line or "shared/tools/" in line or "shared/spec/" in line \
+                        or "shared/fixtures/" in line:
+                    hits.append(f"{f.relative_to(REPO)}:{n}: {line.strip()[:100]}")
+    assert hits == []
