@@ -48,7 +48,7 @@ A command line over ``stageinteractor.benchmark`` (module map in its ``__init__`
   worker processes (self-terminating after a time limit, stopped by this tool, also on Ctrl-C)
   and reports each model's slowdown (stressed / idle median) for the decoder and the backbone.
 * The authors' model in the same run (``--official-python PY --official-repo DIR``, default
-  ``$OFFICIAL_PY``/``$OFFICIAL_REPO``; ``../shared/tools/official_runtime/setup.sh`` builds such
+  ``$OFFICIAL_PY``/``$OFFICIAL_REPO``; ``python scripts/build_official_env.py VENV`` builds such
   an environment): ``tools/official_reference.py`` runs in that Python as a persistent worker
   (``stageinteractor.official.reference_client``: separate process, same threads, same image
   size, batch 1, float32, eager) and each of its calls is timed inside the worker, interleaved

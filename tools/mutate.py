@@ -129,9 +129,14 @@ def apply_mutation(root: Path, m: Mutation) -> str:
     return text
 
 
-def run_pytest(copy: Path, tests: Sequence[str], timeout: float, python: str) -> subprocess.CompletedProcess:
+def run_pytest(copy: Path, tests: Sequence[str], timeout: float, python: str,
+               plugins: bool = False) -> subprocess.CompletedProcess:
+    """``pytest -x -q`` on ``tests`` in ``copy``; third-party plugin autoload is off unless
+    ``plugins`` (no test here uses one; loading them costs seconds per run)."""
     env = dict(os.environ, PYTHONPATH=str(copy), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                PYTHONDONTWRITEBYTECODE="1")
+    if not plugins:
+        env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     cmd = [python, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", *tests]
     try:
         return subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
@@ -159,24 +164,25 @@ def classify(proc: subprocess.CompletedProcess) -> Tuple[str, str, List[str]]:
     return "not caught", f"pytest exit {proc.returncode}: {tail[0][:120]}", failed
 
 
-def run_one(copy: Path, m: Mutation, timeout: float, python: str) -> Result:
+def run_one(copy: Path, m: Mutation, timeout: float, python: str, plugins: bool = False) -> Result:
     t0 = time.perf_counter()
     try:
         original = apply_mutation(copy, m)
     except LookupError as e:
         return Result(m.id, "does not apply", str(e))
     try:
-        proc = run_pytest(copy, m.tests, timeout, python)
+        proc = run_pytest(copy, m.tests, timeout, python, plugins)
     finally:
         (copy / m.file).write_text(original)
     status, detail, failed = classify(proc)
     return Result(m.id, status, detail, time.perf_counter() - t0, failed)
 
 
-def baseline(copy: Path, mutations: Sequence[Mutation], timeout: float, python: str) -> Optional[str]:
+def baseline(copy: Path, mutations: Sequence[Mutation], timeout: float, python: str,
+             plugins: bool = False) -> Optional[str]:
     """Run the union of the tests unmutated; the failure text, or None when they pass."""
     tests = list(dict.fromkeys(t for m in mutations for t in m.tests))
-    proc = run_pytest(copy, tests, timeout * max(1, len(tests)), python)
+    proc = run_pytest(copy, tests, timeout * max(1, len(tests)), python, plugins)
     if proc.returncode == 0 and re.search(r"\d+ passed", proc.stdout or ""):
         return None
     return f"exit {proc.returncode}: " + "; ".join(failed_tests(proc.stdout or "")[:5]) + \
@@ -190,10 +196,11 @@ def report_lines(results: Sequence[Result], mutations: Sequence[Mutation], wall:
     for r in results:
         lines.append(f"{r.id:<{width}}  {r.status:<20}  {r.seconds:6.1f}  {r.detail}")
     n_ok = sum(r.ok for r in results)
-    lines.append(f"{n_ok}/{len(results)} caught; wall time {wall:.0f} s")
+    verb = "apply" if all(r.status in ("applies", "does not apply") for r in results) else "caught"
+    lines.append(f"{n_ok}/{len(results)} {verb}; wall time {wall:.0f} s")
     for r in results:
         if not r.ok:
-            lines.append(f"NOT CAUGHT: {r.id} ({desc.get(r.id, '')}): {r.status}: {r.detail}")
+            lines.append(f"FAILED: {r.id} ({desc.get(r.id, '')}): {r.status}: {r.detail}")
     return lines
 
 
@@ -208,6 +215,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--report", default=None, help="also write the results as JSON here")
     p.add_argument("--check", action="store_true", help="only check that every snippet applies")
     p.add_argument("--python", default=sys.executable, help="interpreter for pytest")
+    p.add_argument("--plugins", action="store_true", help="let pytest autoload third-party plugins")
     return p.parse_args(argv)
 
 
@@ -242,13 +250,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             if not args.no_baseline:
                 print(f"baseline: running the {len(mutations)} mutations' tests unmutated ...", flush=True)
-                bad = baseline(copy, mutations, args.timeout, args.python)
+                bad = baseline(copy, mutations, args.timeout, args.python, args.plugins)
                 if bad is not None:
                     print(f"mutate: the unmutated tests fail ({bad})", file=sys.stderr)
                     return 2
             results = []
             for i, m in enumerate(mutations, 1):
-                r = run_one(copy, m, args.timeout, args.python)
+                r = run_one(copy, m, args.timeout, args.python, args.plugins)
                 print(f"[{i}/{len(mutations)}] {r.id}: {r.status} ({r.seconds:.1f} s) {r.detail}", flush=True)
                 results.append(r)
     wall = time.perf_counter() - t0

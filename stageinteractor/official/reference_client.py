@@ -2,7 +2,7 @@
 timed in the same run as ours, call by call.
 
 The worker (``tools/official_reference.py``, run by the authors' environment's ``python``;
-``../shared/tools/official_runtime/setup.sh`` builds one) is started as
+``python scripts/build_official_env.py VENV`` builds one) is started as
 
     PY WORKER --repo DIR --size H W [--threads T]
 
@@ -37,7 +37,7 @@ DEFAULT_WORKER = os.path.join(_REPO, "tools", "official_reference.py")
 
 _NOT_GIVEN = (
     "authors' reference not given (--official-python/--official-repo or "
-    "$OFFICIAL_PY/$OFFICIAL_REPO; ../shared/tools/official_runtime/setup.sh builds them)"
+    "$OFFICIAL_PY/$OFFICIAL_REPO; python scripts/build_official_env.py VENV builds them)"
 )
 
 
