@@ -11,11 +11,14 @@ run with nothing to do only probes the environment):
    (``pip install -e . --no-deps``) when ``stageinteractor`` is not importable.
 2. detectron2 and detrex (no wheels on PyPI): when one is not installed, its wheel is taken
    from the wheel cache (``~/.cache/stageinteractor/wheels``, keyed by the source commit, the
-   torch version, the Python version and cpu/CUDA) or built into it from source
+   torch version, the Python version and cpu/CUDA ops) or built into it from source
    (``$DETECTRON2_SRC`` / ``$DETREX_SRC``: a checkout or a git directory; else a clone of the
    upstream repository, kept in ``~/.cache/stageinteractor/src``), then installed. A package
    that is installed but does not import is never rebuilt: the step names the module that is
-   missing.
+   missing. When torch sees CUDA (or FORCE_CUDA=1) the C++ ops are built with their CUDA
+   kernels (FORCE_CUDA=1, CUDA_HOME: a CUDA toolkit with nvcc is required, else the step fails
+   saying so); then one CUDA tensor goes through detrex's MultiScaleDeformableAttention, and a
+   detrex installed without its CUDA kernel ("Not compiled with GPU support") is rebuilt.
 3. detrex's ``projects`` namespace (``from projects.dino.modeling import DINO``) is made
    importable through a folder in site-packages holding only a ``projects`` symlink to the
    detrex source, listed in a ``.pth`` file (the detrex source root itself would shadow the
@@ -39,6 +42,8 @@ Environment variables:
   STAGEINTERACTOR_REQUIRE_LAYERS  comma list of layers that must be available
                                   (core,detectron2,detrex) or "all"
   SKIP_DETECTRON2=1, SKIP_DETREX=1   do not try to install that dependency
+  FORCE_CUDA=0|1                  build the C++ ops without / with CUDA (default: with, when
+                                  torch sees a CUDA device); CUDA_HOME: the toolkit to use
   GIT_TIMEOUT (s, default 60)     limit for reaching a git server; clones get 15x that
 """
 
@@ -428,12 +433,111 @@ def find_source(name):
     return cached, ""
 
 
+class SetupError(RuntimeError):
+    """A step cannot go on; the message says what to provide."""
+
+
+# where a CUDA toolkit is looked for when neither CUDA_HOME/CUDA_PATH nor nvcc on PATH says
+DEFAULT_CUDA_HOMES = ("/usr/local/cuda",)
+# detrex's C++ op raises this when it was built without CUDA and is given a CUDA tensor
+NO_GPU_SUPPORT = "Not compiled with GPU support"
+
+
+def cuda_ops_wanted(state):
+    """Whether detectron2's / detrex's C++ ops are built with their CUDA kernels: FORCE_CUDA
+    when set ("1" yes, "0" no), else whether this torch sees a CUDA device."""
+    force = os.environ.get("FORCE_CUDA", "").strip()
+    if force:
+        return force not in ("0", "false", "False", "no")
+    return bool(state.get("cuda", False))
+
+
+def find_cuda_home():
+    """The CUDA toolkit to compile with: $CUDA_HOME / $CUDA_PATH, else the folder above the
+    ``nvcc`` on PATH, else one of :data:`DEFAULT_CUDA_HOMES`; None when there is no nvcc."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var, "").strip()
+        if home:
+            return home if (Path(home) / "bin" / "nvcc").is_file() else None
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return str(Path(nvcc).resolve().parent.parent)
+    for home in DEFAULT_CUDA_HOMES:
+        if (Path(home) / "bin" / "nvcc").is_file():
+            return home
+    return None
+
+
 def build_env(state):
-    env = {}
-    if not state.get("cuda", False) and "FORCE_CUDA" not in os.environ:
+    """Environment for building the C++ ops: ``FORCE_CUDA=1`` and ``CUDA_HOME`` when the CUDA
+    kernels are wanted (:func:`cuda_ops_wanted`; raises :class:`SetupError` when there is no
+    CUDA toolkit), ``FORCE_CUDA=0`` otherwise."""
+    env = {"MAX_JOBS": str(os.environ.get("MAX_JOBS", os.cpu_count() or 1))}
+    if not cuda_ops_wanted(state):
         env["FORCE_CUDA"] = "0"  # CPU-only build of the C++ ops
-    env["MAX_JOBS"] = str(os.environ.get("MAX_JOBS", os.cpu_count() or 1))
+        return env
+    home = find_cuda_home()
+    if home is None:
+        raise SetupError(
+            "torch sees CUDA (built with CUDA %s), so detectron2/detrex must be built with "
+            "their CUDA ops (without them DINO fails on the GPU with \"%s\"), but no CUDA "
+            "toolkit was found: no nvcc under $CUDA_HOME / $CUDA_PATH, on PATH or in %s. "
+            "Install the CUDA %s toolkit and set CUDA_HOME to it (or set FORCE_CUDA=0 for a "
+            "CPU-only build of the ops)" % (state.get("torch_cuda"), NO_GPU_SUPPORT,
+                                            ", ".join(DEFAULT_CUDA_HOMES), state.get("torch_cuda")))
+    env["FORCE_CUDA"] = "1"
+    env["CUDA_HOME"] = home
     return env
+
+
+DETREX_CUDA_CHECK = r"""
+import json, torch
+from detrex.layers import MultiScaleDeformableAttention
+attn = MultiScaleDeformableAttention(embed_dim=32, num_heads=2, num_levels=1, num_points=2,
+                                     batch_first=True).cuda()
+value = torch.randn(1, 16, 32, device="cuda")
+query = torch.randn(1, 3, 32, device="cuda")
+ref = torch.rand(1, 3, 1, 2, device="cuda")
+shapes = torch.tensor([[4, 4]], device="cuda")
+start = torch.tensor([0], device="cuda")
+out = attn(query, value=value, reference_points=ref, spatial_shapes=shapes, level_start_index=start)
+torch.cuda.synchronize()
+print("@@CUDA_OK@@", json.dumps(list(out.shape)))
+"""
+
+
+def check_detrex_cuda_ops():
+    """One CUDA tensor through detrex's ``MultiScaleDeformableAttention`` (its CUDA kernel) in a
+    fresh process. Returns None when it ran, else the error text."""
+    r = subprocess.run([sys.executable, "-c", DETREX_CUDA_CHECK], cwd=tempfile.gettempdir(),
+                       env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True, timeout=600)
+    if r.returncode == 0 and "@@CUDA_OK@@" in r.stdout:
+        return None
+    lines = [ln for ln in r.stdout.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "exit status %d" % r.returncode
+
+
+def ensure_detrex_cuda_ops(state, failures):
+    """With a CUDA device: check detrex's CUDA kernel; a detrex built without it (CPU-only
+    wheel) is rebuilt with the CUDA ops and reinstalled. Returns True when it reinstalled."""
+    if not (state.get("cuda") and ok(state, "detrex")) or not cuda_ops_wanted(state):
+        return False
+    error = check_detrex_cuda_ops()
+    if error is None:
+        say("detrex CUDA ops: MultiScaleDeformableAttention ran on a CUDA tensor")
+        return False
+    if NO_GPU_SUPPORT not in error:
+        failures["detrex cuda"] = "detrex's MultiScaleDeformableAttention fails on CUDA: " + error
+        return False
+    say("detrex is installed without its CUDA kernel (%s): rebuilding it with FORCE_CUDA=1"
+        % error)
+    if install_dep("detrex", state, failures, reinstall=True) is None:
+        return False
+    error = check_detrex_cuda_ops()
+    if error is not None:
+        failures["detrex cuda"] = "rebuilt detrex still fails on CUDA: " + error
+    return True
 
 
 def build_wheel(name, src, key, state):
@@ -444,7 +548,12 @@ def build_wheel(name, src, key, state):
     t0 = time.time()
     cmd = [sys.executable, "-m", "pip", "wheel", "--disable-pip-version-check",
            "--no-build-isolation", "--no-deps", "-w", str(tmp), str(src)]
-    env = dict(os.environ, PIP_DEFAULT_TIMEOUT="60", **build_env(state))
+    try:
+        env = dict(os.environ, PIP_DEFAULT_TIMEOUT="60", **build_env(state))
+    except SetupError as e:
+        say("ERROR: " + str(e))
+        shutil.rmtree(tmp, ignore_errors=True)
+        return None
     rc = subprocess.run(cmd, env=env).returncode
     wheels = sorted(tmp.glob("*.whl"))
     if rc != 0 or not wheels:
@@ -470,7 +579,7 @@ def obtain_wheel(name, src, state):
     else:
         key = wheel_cache_key(name, commit, state["mods"]["torch"].get("version", "?"),
                               state.get("py", "%d.%d" % sys.version_info[:2]),
-                              state.get("torch_cuda") if state.get("cuda") else None)
+                              state.get("torch_cuda") if cuda_ops_wanted(state) else None)
         wheel = cached_wheel(key)
         if wheel is not None:
             say("%s: using the cached wheel %s" % (name, wheel))
@@ -493,9 +602,10 @@ def import_failure_message(name, state):
     return head
 
 
-def install_dep(name, state, failures):
-    """Install detectron2 or detrex from the wheel cache, building the wheel when needed.
-    Returns the source checkout used, or None (reason in ``failures``)."""
+def install_dep(name, state, failures, reinstall=False):
+    """Install detectron2 or detrex from the wheel cache, building the wheel when needed
+    (``reinstall``: over an installed copy). Returns the source checkout used, or None (reason
+    in ``failures``)."""
     if truthy(ENV_SKIP[name]):
         failures[name] = "%s=1 is set" % ENV_SKIP[name]
         return None
@@ -510,6 +620,8 @@ def install_dep(name, state, failures):
     # detectron2's own install_requires come from PyPI; detrex's runtime packages are the
     # `detrex` extra (its requirements.txt also lists linters and opencv-python)
     args = ["--no-build-isolation"] + (["--no-deps"] if name == "detrex" else [])
+    if reinstall:
+        args += ["--force-reinstall", "--no-deps"] if name != "detrex" else ["--force-reinstall"]
     pins = [r for r in wanted_requirements() if requirement_name(r) in BUILD_FIRST]
     if not pip_install(args + [str(wheel)] + pins):
         failures[name] = "`pip install %s` failed (see pip's message above)" % wheel
@@ -597,6 +709,8 @@ def layer_status(state, failures):
         out["detrex"] = failures.get("detrex") or (
             import_failure_message("detrex", state)
             if (state.get("dists") or {}).get("detrex") else err(state, "detrex"))
+    if out["detrex"] is None and failures.get("detrex cuda"):
+        out["detrex"] = failures["detrex cuda"]  # imports, but its CUDA kernel does not run
     return out
 
 
@@ -705,6 +819,8 @@ def main():
     if ok(state, "detrex") and not ok(state, "projects.dino.modeling"):
         if ensure_projects_link(state, None, failures):
             state = probe_env()
+    if ensure_detrex_cuda_ops(state, failures):
+        state = probe_env()
 
     status = layer_status(state, failures)
     report(state, failures, status)

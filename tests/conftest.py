@@ -10,8 +10,24 @@ A test module of an unavailable layer is never imported (it would fail on its to
 ``import detectron2``): it is reported as skipped with a one-line reason. At the end of the
 session one line per layer says what ran, e.g. ``layer core: 123 passed``, and the same lines
 are written to ``.pytest_cache/stageinteractor_layers.txt`` (or ``$STAGEINTERACTOR_LAYER_SUMMARY``).
+
+Tests marked ``gpu`` take the ``accel`` fixture (:class:`Accel`). With CUDA they run once on
+``cuda``. Without CUDA they run on two **stand-in** devices instead of being skipped (issue 21),
+so that placement, leaf/non-leaf, aliasing and device-branch mistakes fail on a CPU-only machine:
+
+* ``meta``: forward **and** backward, no values; devices, shapes, dtypes and the autograd graph
+  are real, a CPU tensor mixed in raises, a host read (``.item()``, ``.cpu()``) raises.
+* ``fake_cuda``: ``FakeTensorMode`` with the tensors on ``cuda``: ``is_cuda`` is true, so the
+  CUDA branches run; a CPU tensor mixed in raises ``FakeTensorDeviceMismatchError``, a host read
+  raises ``DataDependentOutputException``. Forward only (backward needs a CUDA context).
+
+Values are compared only on a real device: on a stand-in :meth:`Accel.require_values` skips
+with :data:`VALUE_SKIP_REASON`. ``STAGEINTERACTOR_GPU_STANDINS=0`` skips the ``gpu`` tests
+without CUDA instead (reason :data:`GPU_SKIP_REASON`). docs/DESIGN.md ("Stand-in devices")
+says where each stand-in stops.
 """
 
+import contextlib
 import importlib
 import os
 import warnings
@@ -22,6 +38,10 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 GPU_SKIP_REASON = "no CUDA device"  # the one skip reason .ci/clean_env.sh allows
+# a value comparison on a stand-in device (ends with ": " + GPU_SKIP_REASON, which
+# .ci/clean_env.sh lets through)
+VALUE_SKIP_REASON = "values are compared on a real device only, this is a stand-in: " + GPU_SKIP_REASON
+STANDINS = ("meta", "fake_cuda")
 # folder under tests/ -> layer name, in report order
 LAYERS = OrderedDict([("core", "core"), ("d2", "detectron2"), ("detrex", "detrex")])
 HOW_TO = {
@@ -105,9 +125,11 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds on CPU")
     config.addinivalue_line(
         "markers",
-        "gpu: needs a CUDA device; skipped when none is available (STAGEINTERACTOR_GPU_DRY_RUN=1 "
-        "runs them on the CPU instead)",
+        "gpu: runs on CUDA, or without CUDA on the stand-in devices (meta, fake_cuda) of the "
+        "`accel` fixture; STAGEINTERACTOR_GPU_STANDINS=0 skips them instead",
     )
+    config.addinivalue_line(
+        "markers", "standins(*kinds): the stand-in devices a gpu test supports (default: all)")
 
 
 class _SkippedLayerModule(pytest.Module):
@@ -141,7 +163,7 @@ def pytest_collection_modifyitems(config, items):
                 import torch
 
                 cuda = torch.cuda.is_available()
-            if not cuda and not gpu_dry_run():
+            if not cuda and not standins_enabled():
                 item.add_marker(pytest.mark.skip(reason=GPU_SKIP_REASON))
 
 
@@ -215,33 +237,188 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         pass
 
 
-def gpu_dry_run():
-    """STAGEINTERACTOR_GPU_DRY_RUN=1: run the ``gpu`` tests without a GPU, on the CPU (the
-    "accelerator" is then the CPU itself: every comparison runs, trivially exact)."""
-    return os.environ.get("STAGEINTERACTOR_GPU_DRY_RUN", "") == "1"
+def standins_enabled():
+    """Whether the ``gpu`` tests run on the stand-in devices without CUDA (the default;
+    ``STAGEINTERACTOR_GPU_STANDINS=0`` skips them instead). The former
+    ``STAGEINTERACTOR_GPU_DRY_RUN=1`` (CPU as the accelerator: self-comparisons) is gone; the
+    variable is ignored."""
+    return os.environ.get("STAGEINTERACTOR_GPU_STANDINS", "1") != "0"
 
 
-@pytest.fixture
-def real_cuda():
-    """True when the ``gpu`` tests run on a real CUDA device."""
+def _cuda_available():
     return importlib.import_module("torch").cuda.is_available()
 
 
+def pytest_generate_tests(metafunc):
+    if "accel" not in metafunc.fixturenames:
+        return
+    if _cuda_available() or not standins_enabled():
+        kinds = ["cuda"]
+    else:
+        marker = metafunc.definition.get_closest_marker("standins")
+        kinds = [k for k in STANDINS if marker is None or k in marker.args]
+    metafunc.parametrize("accel", kinds, indirect=True, ids=kinds)
+
+
+class HostReadProbe:
+    """Counts, independently of ``stageinteractor.core.op_count``, the host syncs a stand-in
+    sees: scalar reads of device tensors (``aten._local_scalar_dense``; the stand-in then
+    raises) and
+    device->host copies (``_to_copy`` / ``copy_`` from the device to the CPU; they do not raise
+    on ``fake_cuda``). Entered on top of the stand-in's mode (:meth:`Accel.run`)."""
+
+    def __init__(self):
+        self.scalar_reads = 0
+        self.to_host = 0
+        self.sites = []
+
+    @property
+    def total(self):
+        return self.scalar_reads + self.to_host
+
+
+def _probe_mode(probe):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = func.overloadpacket.__name__
+            ts = [a for a in args if hasattr(a, "device")]
+            if name == "_local_scalar_dense" and ts and ts[0].device.type != "cpu":
+                probe.scalar_reads += 1
+                probe.sites.append(str(func))
+            elif name == "_to_copy" and ts and ts[0].device.type != "cpu" and str(
+                    kwargs.get("device", ts[0].device)) == "cpu":
+                probe.to_host += 1
+                probe.sites.append(str(func))
+            elif name == "copy_" and len(ts) > 1 and ts[0].device.type == "cpu" and (
+                    ts[1].device.type != "cpu"):
+                probe.to_host += 1
+                probe.sites.append(str(func))
+            return func(*args, **kwargs)
+
+    return _Mode()
+
+
+class Accel:
+    """The device of a ``gpu`` test: ``cuda``, or a stand-in (``meta`` / ``fake_cuda``).
+
+    Attributes: ``kind``; ``device`` (``cuda`` for ``cuda`` and ``fake_cuda``, else ``meta``);
+    ``real`` (values exist); ``backward`` (autograd runs: not on ``fake_cuda``).
+    """
+
+    def __init__(self, kind):
+        torch = importlib.import_module("torch")
+        self.kind = kind
+        self.real = kind == "cuda"
+        self.backward = kind != "fake_cuda"
+        self.device = torch.device("meta" if kind == "meta" else "cuda")
+        self.mode = None
+        if kind == "fake_cuda":
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            # non-fake (CPU) inputs are converted, so a CPU tensor mixed in still raises the
+            # device mismatch (and a 0-dim one is allowed, as on CUDA)
+            self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def __repr__(self):
+        return "Accel(%s)" % self.kind
+
+    def build(self, factory, *args, **kwargs):
+        """``factory(*args, **kwargs)`` with its modules and tensors created on the device
+        (``meta``: under ``torch.device("meta")``; ``fake_cuda``: under the fake mode and
+        ``torch.device("cuda")``; ``cuda``: built on the CPU, then moved)."""
+        torch = importlib.import_module("torch")
+        if self.kind == "cuda":
+            return self.to(factory(*args, **kwargs))
+        ctx = contextlib.ExitStack()
+        with ctx:
+            if self.mode is not None:
+                ctx.enter_context(self.mode)
+            ctx.enter_context(torch.device(self.device))
+            return factory(*args, **kwargs)
+
+    def to(self, obj):
+        """A CPU tensor (detached copy), module (in place) or list/tuple/dict of them on the
+        device. On ``fake_cuda`` parameters and buffers are replaced by fake CUDA tensors of the
+        same shapes, strides and ``requires_grad``."""
+        torch = importlib.import_module("torch")
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self.to(v) for v in obj)
+        if isinstance(obj, dict):
+            return {k: self.to(v) for k, v in obj.items()}
+        if isinstance(obj, torch.nn.Module):
+            if self.mode is None:
+                return obj.to(self.device)
+            for mod in obj.modules():
+                for n, p in list(mod._parameters.items()):
+                    if p is not None:
+                        mod._parameters[n] = torch.nn.Parameter(
+                            self._fake(p.detach()), requires_grad=p.requires_grad)
+                for n, b in list(mod._buffers.items()):
+                    if b is not None:
+                        mod._buffers[n] = self._fake(b)
+            return obj
+        if torch.is_tensor(obj):
+            if self.mode is not None:
+                return self._fake(obj.detach())
+            return obj.detach().to(self.device, copy=True)
+        return obj
+
+    def _fake(self, t):
+        if t.device.type == "cuda":
+            return t
+        with self.mode:
+            return self.mode.from_tensor(t).to("cuda")
+
+    @contextlib.contextmanager
+    def run(self, probe=None):
+        """Context for running the model on the device (``fake_cuda``: the fake mode, without
+        a default device, so that a tensor created without ``device=`` stays on the CPU and
+        a mix-up raises). ``probe``: a :class:`HostReadProbe` to count host reads."""
+        with contextlib.ExitStack() as stack:
+            if self.mode is not None:
+                stack.enter_context(self.mode)
+            if probe is not None:
+                stack.enter_context(_probe_mode(probe))
+            yield
+
+    def require_values(self):
+        """Skip (:data:`VALUE_SKIP_REASON`) unless values can be compared (real CUDA)."""
+        if not self.real:
+            pytest.skip(VALUE_SKIP_REASON)
+
+
 @pytest.fixture
-def accel_device(real_cuda):
-    """The device of the ``gpu`` tests: ``cuda`` when there is one, else (dry run) ``cpu``.
-    On CUDA, TF32 is off while the test runs (float32 comparisons with the CPU)."""
+def accel(request):
+    """The device of a ``gpu`` test (see :class:`Accel`); parametrized by
+    ``pytest_generate_tests``. On CUDA, TF32 is off while the test runs (float32 comparisons
+    with the CPU)."""
     torch = importlib.import_module("torch")
-    if not real_cuda:
-        yield torch.device("cpu")
+    acc = Accel(request.param)
+    if not acc.real:
+        yield acc
         return
     prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     try:
-        yield torch.device("cuda")
+        yield acc
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+
+
+@pytest.fixture
+def host_probe():
+    """A fresh :class:`HostReadProbe` (give it to ``accel.run(probe)``)."""
+    return HostReadProbe()
+
+
+@pytest.fixture
+def real_cuda():
+    """True when the ``gpu`` tests run on a real CUDA device."""
+    return _cuda_available()
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,8 @@ The blocked product is **one** batched GEMM: the (K, N) weight viewed as n colum
 (n, K, N/n), the input broadcast over them (a stride-0 batch), and the result written through
 the (M, n, N/n) -> (n, M, N/n) view of one (M, N) output, so nothing is copied; the bias is
 added afterwards in place (the same sums up to float round-off). Used only where it helps and
-is safe: CPU tensors, no autograd (``out=`` records no graph), not while tracing / exporting,
+is safe: CPU tensors, no autograd (``out=`` records no graph), not while tracing / exporting /
+compiling (dynamo cannot capture a non-contiguous ``out=``: one graph break per stage),
 weights of at least :data:`MIN_BLOCKED_WEIGHT_BYTES` (smaller weights stay in the caches and
 gain nothing) and outputs with a divisor of N near :data:`COLUMN_BLOCK` columns (n >= 3). Everywhere else
 (CUDA, training, export) this is ``F.linear``.
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .tracing import is_exporting
+from .tracing import is_tracing
 
 __all__ = ["COLUMN_BLOCK", "MIN_BLOCKED_WEIGHT_BYTES", "column_blocks", "wide_linear"]
 
@@ -63,7 +64,7 @@ def wide_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Ten
         or x.dim() != 2
         or weight.numel() * weight.element_size() < MIN_BLOCKED_WEIGHT_BYTES
         or torch.is_grad_enabled()
-        or is_exporting()
+        or is_tracing()  # export, and torch.compile: a non-contiguous out= breaks its graph
     ):
         return F.linear(x, weight, bias)
     n = column_blocks(n_cols)

@@ -11,15 +11,16 @@
   ``(seed, i, rank)``, so any randomness in the model is a function of the iteration and a
   resumed run reproduces an uninterrupted one.
 * :func:`create_ddp_model`: DistributedDataParallel that also works for CPU (gloo) processes.
-* :func:`apply_overrides_strict`: ``LazyConfig.apply_overrides`` that refuses unknown keys
-  (``+key=value`` adds a new key on purpose).
-* :func:`check_checkpoint_file`: fail early, naming the file, on a missing/corrupt checkpoint.
 * :func:`truncate_metrics`: drop ``metrics.json`` records at or after the resume iteration.
+
+The command-line checks (strict overrides, switch values, checkpoint files, ``--resume``) are
+the tools' front: :mod:`stageinteractor.d2.cli` and :mod:`stageinteractor.d2.checkpoint_files`.
+``apply_overrides_strict``, ``check_checkpoint_file``, ``ConfigError`` and
+``CheckpointFileError`` stay importable from here for code written against the old homes.
 """
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 import logging
 import os
@@ -29,29 +30,23 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import SimpleTrainer
 from detectron2.utils import comm
 
+from stageinteractor.errors import CheckpointFileError, ConfigError
+
 from .checkpoint import ImageNetInitMixin
+from .checkpoint_files import check_checkpoint as check_checkpoint_file
+from .cli import apply_overrides_strict
 from .deferred_scalars import deferring, take_pending, write_scalars
 
 __all__ = ["ConfigError", "CheckpointFileError", "AtomicCheckpointer", "Trainer",
-           "create_ddp_model", "apply_overrides_strict", "check_checkpoint_file",
+           "make_grad_scaler", "create_ddp_model", "apply_overrides_strict", "check_checkpoint_file",
            "truncate_metrics", "atomic_write_bytes", "swin_optimizer_params",
            "authors_parameter_names", "SWIN_NO_DECAY_KEYS"]
 
 logger = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A config or command-line override is invalid."""
-
-
-class CheckpointFileError(RuntimeError):
-    """A checkpoint file is missing, unreadable or corrupt."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,32 +117,22 @@ class AtomicCheckpointer(ImageNetInitMixin, DetectionCheckpointer):
                 f"cannot load checkpoint {f}: {type(e).__name__}: {e}") from e
 
 
-def check_checkpoint_file(path: str) -> None:
-    """Raise :class:`CheckpointFileError` naming ``path`` if it is a local file that is missing
-    or cannot be deserialised. URLs (``detectron2://``, ``https://``...) are not checked."""
-    if not path or "://" in path:
-        return
-    if not os.path.isfile(path):
-        raise CheckpointFileError(f"checkpoint file {path} does not exist")
-    if os.path.getsize(path) == 0:
-        raise CheckpointFileError(f"checkpoint file {path} is empty")
-    try:
-        if path.endswith(".pkl"):
-            import pickle
-
-            with open(path, "rb") as f:
-                pickle.load(f, encoding="latin1")
-        else:
-            torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointFileError(
-            f"checkpoint file {path} is corrupt or not a checkpoint: {type(e).__name__}: {e}"
-        ) from None
-
-
 # ----------------------------------------------------------------------------------------------
 # trainer
 # ----------------------------------------------------------------------------------------------
+def make_grad_scaler(device_type: str = "cuda"):
+    """A GradScaler for ``device_type`` across the torch versions pyproject.toml allows:
+    ``torch.amp.GradScaler(device_type)`` (torch >= 2.3), else ``torch.cuda.amp.GradScaler()``
+    (CUDA only; older torch has no CPU scaler)."""
+    scaler_cls = getattr(getattr(torch, "amp", None), "GradScaler", None)
+    if scaler_cls is not None:
+        return scaler_cls(device_type)
+    if device_type == "cuda":
+        return torch.cuda.amp.GradScaler()
+    raise RuntimeError(f"torch {torch.__version__} has no GradScaler for {device_type!r} "
+                       "(torch.amp.GradScaler needs torch >= 2.3)")
+
+
 def _iteration_seeds(seed: int, iteration: int, rank: int) -> np.ndarray:
     return np.random.SeedSequence([int(seed), int(iteration), int(rank)]).generate_state(3)
 
@@ -163,19 +148,22 @@ class Trainer(SimpleTrainer):
         clip_grad: ``None`` or kwargs of ``torch.nn.utils.clip_grad_norm_`` (``max_norm``,
             ``norm_type``), applied to all parameters (global norm).
         seed: base seed of the per-iteration re-seeding; ``None`` disables it.
+        grad_scaler: with ``amp``, whether to scale the loss with a GradScaler
+            (:func:`make_grad_scaler`); ``None`` (default): on CUDA only. ``True`` on the CPU
+            runs the CUDA step's code path there (the host-sync counter's dry run uses it).
     """
 
     def __init__(self, model, data_loader, optimizer, *, device: str = "cpu",
                  amp: bool = False, clip_grad: Optional[Dict[str, Any]] = None,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, grad_scaler: Optional[bool] = None):
         super().__init__(model, data_loader, optimizer)
         self.device_type = "cuda" if str(device).startswith("cuda") else "cpu"
         self.amp = bool(amp)
         self.clip_grad = dict(clip_grad) if clip_grad else None
         self.seed = seed
         self.grad_scaler = None
-        if self.amp and self.device_type == "cuda":
-            self.grad_scaler = torch.amp.GradScaler("cuda")
+        if self.amp and (self.device_type == "cuda" if grad_scaler is None else grad_scaler):
+            self.grad_scaler = make_grad_scaler(self.device_type)
 
     def _reseed(self) -> None:
         s = _iteration_seeds(self.seed, self.iter, comm.get_rank())
@@ -280,8 +268,22 @@ class Trainer(SimpleTrainer):
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
 
 
+def _cpu_process_group():
+    """The process group for all-reducing CPU tensors: the default one unless it is NCCL
+    (detectron2's ``launch`` picks NCCL whenever CUDA is available, also for
+    ``train.device=cpu``; NCCL cannot reduce CPU tensors), then a gloo group of all ranks."""
+    import torch.distributed as dist
+
+    if dist.get_backend() != "nccl":
+        return None
+    logger.info("CPU model under an NCCL process group: DDP all-reduces over a gloo group")
+    return dist.new_group(backend="gloo")  # collective: every rank builds its DDP model here
+
+
 def create_ddp_model(model: torch.nn.Module, *, fp16_compression: bool = False, **kwargs):
-    """Wrap in DistributedDataParallel when there are several processes (CUDA or CPU/gloo)."""
+    """Wrap in DistributedDataParallel when there are several processes (CUDA, or CPU over
+    gloo -- also when the default process group is NCCL, as on a GPU machine with
+    ``train.device=cpu``)."""
     if comm.get_world_size() == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
@@ -289,6 +291,8 @@ def create_ddp_model(model: torch.nn.Module, *, fp16_compression: bool = False, 
     on_cuda = any(p.is_cuda for p in model.parameters())
     if on_cuda and "device_ids" not in kwargs:
         kwargs["device_ids"] = [comm.get_local_rank()]
+    if not on_cuda and "process_group" not in kwargs:
+        kwargs["process_group"] = _cpu_process_group()
     ddp = DistributedDataParallel(model, **kwargs)
     if fp16_compression and on_cuda:
         from torch.distributed.algorithms.ddp_comm_hooks import default as comm_hooks
@@ -342,68 +346,6 @@ def swin_optimizer_params(model: torch.nn.Module, base_lr: float, weight_decay: 
             (no_decay if any(k in official for k in keys) else decay).append(p)
     return [{"params": decay, "lr": base_lr, "weight_decay": weight_decay},
             {"params": no_decay, "lr": base_lr, "weight_decay": 0.0}]
-
-
-# ----------------------------------------------------------------------------------------------
-# config
-# ----------------------------------------------------------------------------------------------
-def _all_keys(node, prefix: str = "") -> List[str]:
-    out = []
-    if isinstance(node, DictConfig):
-        for k in node.keys():
-            key = f"{prefix}{k}"
-            out.append(key)
-            try:
-                child = node._get_node(k)
-                child = node[k] if isinstance(child, (DictConfig, ListConfig)) else None
-            except Exception:  # noqa: BLE001 - unresolved interpolation etc.
-                child = None
-            if child is not None:
-                out.extend(_all_keys(child, key + "."))
-    return out
-
-
-_MISSING = object()
-
-
-def _key_exists(cfg, key: str) -> bool:
-    """Whether the dotted ``key`` (list indices allowed) exists; interpolations are followed."""
-    try:
-        return OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False) \
-            is not _MISSING
-    except Exception:  # noqa: BLE001 - e.g. indexing into a non-container value
-        return False
-
-
-def apply_overrides_strict(cfg, overrides: Sequence[str]):
-    """Apply ``key=value`` overrides; an unknown key raises :class:`ConfigError` naming it.
-
-    ``+key=value`` creates a new key deliberately (its parent must exist).
-    """
-    from detectron2.config import LazyConfig
-
-    plain = []
-    for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"override {ov!r} is not of the form key=value")
-        key = ov.split("=", 1)[0].strip()
-        if key.startswith("+"):
-            parent = key[1:].rsplit(".", 1)[0] if "." in key else ""
-            if parent and not _key_exists(cfg, parent):
-                raise ConfigError(f"unknown config key '{parent}' (parent of override "
-                                  f"'{key[1:]}')")
-            plain.append(ov[1:] if ov.startswith("+") else ov.replace("+", "", 1))
-            continue
-        if not _key_exists(cfg, key):
-            close = difflib.get_close_matches(key, _all_keys(cfg), n=2, cutoff=0.8)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ConfigError(f"unknown config key '{key}' in override '{ov}'{hint} "
-                              f"(prefix the override with '+' to add a new key)")
-        plain.append(ov)
-    try:
-        return LazyConfig.apply_overrides(cfg, plain)
-    except Exception as e:  # noqa: BLE001 - parser errors
-        raise ConfigError(f"cannot apply overrides {list(overrides)}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------

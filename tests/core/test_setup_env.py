@@ -212,11 +212,24 @@ def test_required_layers(monkeypatch):
 
 
 @pytest.mark.slow
-def test_setup_run_with_everything_installed_changes_nothing():
-    """The idempotent path on this machine's environment: no pip call, no build, exit 0."""
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "setup_env.py")], cwd=str(REPO),
+def test_setup_run_with_everything_installed_changes_nothing(tmp_path):
+    """The idempotent path: no pip call, no build, exit 0. It runs in a throwaway virtual
+    environment layered on this one (``--system-site-packages``, no pip of its own), so that
+    whatever the step would install or write lands in tmp_path, never in the environment that
+    runs the tests (issue 23)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
+                    str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    env = dict(os.environ, STAGEINTERACTOR_OFFLINE="1", PYTHONNOUSERSITE="1",
+               STAGEINTERACTOR_WHEEL_CACHE=str(tmp_path / "wheels"),
+               STAGEINTERACTOR_DEPS_DIR=str(tmp_path / "src"))
+    r = subprocess.run([str(python), str(REPO / "scripts" / "setup_env.py")], cwd=str(REPO),
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
-                       env=dict(os.environ, STAGEINTERACTOR_OFFLINE="1"))
+                       env=env)
+    assert str(venv) in subprocess.run(
+        [str(python), "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True,
+        env=env).stdout
     assert r.returncode == 0, r.stdout
     assert "$ pip install" not in r.stdout and "building the" not in r.stdout, r.stdout
     assert "import sweep:" in r.stdout and "0 error(s)" in r.stdout
@@ -225,7 +238,7 @@ def test_setup_run_with_everything_installed_changes_nothing():
 
 def test_parity_fixture_is_found_in_the_repository(monkeypatch):
     """A plain clone (no shared/ beside it) finds the official parity fixture in tests/fixtures."""
-    from stageinteractor.core.testing.official_fixture import find_parity_fixture, load_fixture
+    from stageinteractor.official.fixture import find_parity_fixture, load_fixture
 
     monkeypatch.delenv("STAGEINTERACTOR_PARITY_FIXTURE", raising=False)
     found = find_parity_fixture()
@@ -233,3 +246,110 @@ def test_parity_fixture_is_found_in_the_repository(monkeypatch):
     assert (found / "README.md").is_file()
     fx = load_fixture(found)
     assert fx is not None
+
+
+# ------------------------------------------------------------------------------------------
+# CUDA ops (issue 21 item 2): decided, keyed and checked; the environment is faked here
+
+
+@pytest.fixture
+def no_cuda_toolkit(monkeypatch, tmp_path):
+    """No FORCE_CUDA / CUDA_HOME / CUDA_PATH, no nvcc on PATH or in the default places."""
+    for var in ("FORCE_CUDA", "CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(setup_env.shutil, "which", lambda name: None)
+    monkeypatch.setattr(setup_env, "DEFAULT_CUDA_HOMES", (str(tmp_path / "no-cuda"),))
+
+
+def _toolkit(root):
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    return root
+
+
+def test_cuda_ops_are_built_when_torch_sees_cuda(no_cuda_toolkit, monkeypatch, tmp_path):
+    assert setup_env.build_env(_state(cuda=False))["FORCE_CUDA"] == "0"
+    with pytest.raises(setup_env.SetupError) as e:  # CUDA but no toolkit: a clear error
+        setup_env.build_env(_state(cuda=True))
+    assert "CUDA_HOME" in str(e.value) and "nvcc" in str(e.value)
+    assert "Not compiled with GPU support" in str(e.value) and "13.0" in str(e.value)
+    home = _toolkit(tmp_path / "cuda")
+    monkeypatch.setenv("CUDA_HOME", str(home))
+    env = setup_env.build_env(_state(cuda=True))
+    assert env["FORCE_CUDA"] == "1" and env["CUDA_HOME"] == str(home)
+    monkeypatch.delenv("CUDA_HOME")  # nvcc on PATH
+    monkeypatch.setattr(setup_env.shutil, "which", lambda name: str(home / "bin" / "nvcc"))
+    assert setup_env.build_env(_state(cuda=True))["CUDA_HOME"] == str(home.resolve())
+    monkeypatch.setenv("FORCE_CUDA", "0")  # explicit CPU-only build on a CUDA machine
+    assert setup_env.build_env(_state(cuda=True))["FORCE_CUDA"] == "0"
+    monkeypatch.setenv("FORCE_CUDA", "1")  # explicit CUDA build without a device
+    assert setup_env.build_env(_state(cuda=False))["FORCE_CUDA"] == "1"
+
+
+def test_wheel_cache_key_says_whether_the_cuda_ops_are_in_it(no_cuda_toolkit, monkeypatch):
+    keys = []
+    monkeypatch.setattr(setup_env, "source_commit", lambda src: "c" * 40)
+    monkeypatch.setattr(setup_env, "cached_wheel", lambda key: keys.append(key) or Path(key))
+    setup_env.obtain_wheel("detrex", "src", _state(cuda=True))
+    setup_env.obtain_wheel("detrex", "src", _state(cuda=False))
+    monkeypatch.setenv("FORCE_CUDA", "0")
+    setup_env.obtain_wheel("detrex", "src", _state(cuda=True))
+    assert [k.rsplit("-", 1)[1] for k in keys] == ["cu130", "cpu", "cpu"]
+
+
+def test_no_toolkit_fails_the_build_before_compiling(no_cuda_toolkit, monkeypatch, tmp_path,
+                                                     capsys):
+    monkeypatch.setenv("STAGEINTERACTOR_WHEEL_CACHE", str(tmp_path / "wheels"))
+    monkeypatch.setattr(setup_env.subprocess, "run",
+                        lambda *a, **k: pytest.fail("must not compile without a toolkit"))
+    assert setup_env.build_wheel("detrex", tmp_path, "k", _state(cuda=True)) is None
+    assert "no CUDA toolkit was found" in capsys.readouterr().out
+
+
+def _detrex_state(cuda):
+    st = _state(cuda=cuda)
+    st["mods"]["detrex"] = {"ok": True}
+    return st
+
+
+def test_detrex_without_its_cuda_kernel_is_rebuilt(no_cuda_toolkit, monkeypatch):
+    checks, installs = [], []
+
+    def check():
+        checks.append(1)
+        return "RuntimeError: Not compiled with GPU support" if len(checks) == 1 else None
+
+    monkeypatch.setattr(setup_env, "check_detrex_cuda_ops", check)
+    monkeypatch.setattr(setup_env, "install_dep",
+                        lambda name, state, failures, reinstall=False:
+                        installs.append((name, reinstall)) or "src")
+    failures = {}
+    assert setup_env.ensure_detrex_cuda_ops(_detrex_state(cuda=True), failures)
+    assert installs == [("detrex", True)] and len(checks) == 2 and failures == {}
+    # kernel present: nothing rebuilt; no CUDA device: nothing checked
+    checks[:], installs[:] = [1], []
+    assert not setup_env.ensure_detrex_cuda_ops(_detrex_state(cuda=True), failures)
+    assert installs == [] and len(checks) == 2
+    checks[:] = []
+    assert not setup_env.ensure_detrex_cuda_ops(_detrex_state(cuda=False), failures)
+    assert checks == []
+    # another CUDA failure is reported (and makes the detrex layer unavailable), not rebuilt
+    monkeypatch.setattr(setup_env, "check_detrex_cuda_ops", lambda: "RuntimeError: boom")
+    st = _detrex_state(cuda=True)
+    st["mods"]["projects.dino.modeling"] = {"ok": True}
+    st["mods"]["detectron2"] = st["mods"]["detectron2.config"] = {"ok": True}
+    assert not setup_env.ensure_detrex_cuda_ops(st, failures)
+    assert installs == [] and "boom" in failures["detrex cuda"]
+    assert "boom" in setup_env.layer_status(st, failures)["detrex"]
+
+
+def test_detrex_cuda_check_script_matches_detrex_api(tmp_path):
+    """The check's MultiScaleDeformableAttention call, run on the CPU (detrex's PyTorch path):
+    the arguments fit detrex's API (on a GPU the same call runs its CUDA kernel)."""
+    pytest.importorskip("detrex")
+    code = (setup_env.DETREX_CUDA_CHECK.replace('device="cuda"', 'device="cpu"')
+            .replace(".cuda()", "").replace("torch.cuda.synchronize()", ""))
+    assert code.count('"cpu"') == 5
+    r = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True,
+                       text=True, timeout=300)
+    assert "@@CUDA_OK@@ [1, 3, 32]" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
