@@ -262,7 +262,8 @@ def pytest_generate_tests(metafunc):
 
 class HostReadProbe:
     """Counts, independently of ``stageinteractor.core.op_count``, the host syncs a stand-in
-    sees: scalar reads (``aten._local_scalar_dense``; the stand-in then raises) and
+    sees: scalar reads of device tensors (``aten._local_scalar_dense``; the stand-in then
+    raises) and
     device->host copies (``_to_copy`` / ``copy_`` from the device to the CPU; they do not raise
     on ``fake_cuda``). Entered on top of the stand-in's mode (:meth:`Accel.run`)."""
 
@@ -284,7 +285,7 @@ def _probe_mode(probe):
             kwargs = kwargs or {}
             name = func.overloadpacket.__name__
             ts = [a for a in args if hasattr(a, "device")]
-            if name == "_local_scalar_dense":
+            if name == "_local_scalar_dense" and ts and ts[0].device.type != "cpu":
                 probe.scalar_reads += 1
                 probe.sites.append(str(func))
             elif name == "_to_copy" and ts and ts[0].device.type != "cpu" and str(

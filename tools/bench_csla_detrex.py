@@ -28,6 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from stageinteractor.errors import run_tool  # noqa: E402
 from stageinteractor.requirements import require  # noqa: E402
 
 require("tools/bench_csla_detrex.py", "detectron2", "detrex", "projects")
@@ -60,5 +61,10 @@ def main(argv=None):
     return result
 
 
+def _cli(argv=None) -> int:
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(_cli, tool="bench_csla_detrex"))

@@ -48,7 +48,7 @@ A command line over ``stageinteractor.benchmark`` (module map in its ``__init__`
   worker processes (self-terminating after a time limit, stopped by this tool, also on Ctrl-C)
   and reports each model's slowdown (stressed / idle median) for the decoder and the backbone.
 * The authors' model in the same run (``--official-python PY --official-repo DIR``, default
-  ``$OFFICIAL_PY``/``$OFFICIAL_REPO``; ``../shared/tools/official_runtime/setup.sh`` builds such
+  ``$OFFICIAL_PY``/``$OFFICIAL_REPO``; ``python scripts/build_official_env.py VENV`` builds such
   an environment): ``tools/official_reference.py`` runs in that Python as a persistent worker
   (``stageinteractor.official.reference_client``: separate process, same threads, same image
   size, batch 1, float32, eager) and each of its calls is timed inside the worker, interleaved
@@ -58,6 +58,9 @@ A command line over ``stageinteractor.benchmark`` (module map in its ``__init__`
   > 1 = ours faster) and, with ``--count-ops``, its decoder's aten calls. Skipped with a one-line
   reason when not given; a python or repository that does not exist, or (given on the command
   line) a run that is not float32 eager CPU batch 1, ends the tool with a one-line error.
+* Configs and overrides go through the tools' front (``stageinteractor.d2.cli``): a missing
+  file, an unknown key ("did you mean") or a bad switch value ends the tool with one line
+  ``benchmark: error: ...`` and exit status 2.
   Both decoders' weights are random, perturbed by ``--perturb-decoder`` (0.02 * N(0, 1), as the
   reference does) so that queries sample different points.
 * CPU allocator (``--malloc``, default ``system`` = glibc's defaults, as a user's process runs):
@@ -96,10 +99,10 @@ from stageinteractor.benchmark.models import build_model, make_batch, perturb_de
 from stageinteractor.benchmark.runner import run, start_reference  # noqa: E402
 from stageinteractor.benchmark.stats import spread  # noqa: E402
 from stageinteractor.benchmark.stress import Stressor  # noqa: E402
+from stageinteractor.errors import UserError, run_tool  # noqa: E402
 from stageinteractor.official.reference_client import (  # noqa: E402
     DEFAULT_WORKER as OFFICIAL_WORKER,
     OfficialReference,
-    ReferenceSettingsError,
 )
 
 # the library's names that scripts and tests used from this file
@@ -199,22 +202,27 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> Dict[str, Any]:
+    """The benchmark in-process: the JSON document (a user mistake raises ``UserError``)."""
     args = parse_args(argv)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("benchmark: --device cuda but CUDA is not available")
-    try:  # same threads and allocator settings as ours
-        official, skip = start_reference(args, torch.get_num_threads())
-    except ReferenceSettingsError as e:
-        raise SystemExit(f"benchmark: {e}") from None
+        raise UserError("--device cuda but CUDA is not available")
+    # same threads and allocator settings as ours; unusable settings: ReferenceSettingsError
+    official, skip = start_reference(args, torch.get_num_threads())
     try:
         return run(args, official, skip)
     finally:
         if official is not None:
             official.close()
+
+
+def _cli(argv=None) -> int:
+    """The command line: a user mistake ends in one line and exit status 2 (``run_tool``)."""
+    main(argv)
+    return 0
 
 
 def _handle_sigterm(signum, frame):
@@ -223,4 +231,4 @@ def _handle_sigterm(signum, frame):
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _handle_sigterm)
-    main()
+    sys.exit(run_tool(_cli, tool="benchmark"))

@@ -62,7 +62,7 @@ from stageinteractor.d2.export import (  # noqa: E402
     torch_reference,
 )
 from stageinteractor.d2.checkpoint_files import load_weights  # noqa: E402
-from stageinteractor.d2.cli import cfg_get, load_config, run_tool  # noqa: E402
+from stageinteractor.d2.cli import cfg_get, load_config, run_tool, split_overrides  # noqa: E402
 from stageinteractor.errors import ConfigError, UserError  # noqa: E402
 
 
@@ -92,7 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--input-dtype", choices=("uint8", "float32"), default="uint8")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="LazyConfig overrides key=value")
-    args = p.parse_args(argv)
+    flags, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(flags + overrides)  # flags may follow the overrides
     if args.verify:
         # `--verify a.png b.png key=value ...`: the overrides after the images are overrides
         extra = [v for v in args.verify if "=" in v and not os.path.exists(v)]

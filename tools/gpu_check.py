@@ -71,6 +71,7 @@ from stageinteractor.benchmark.gpu_check import (  # noqa: E402
     run_rows,
     verdict,
 )
+from stageinteractor.errors import UserError, run_tool  # noqa: E402
 
 __all__ = ["R50", "ADAMIXER_R50", "DEMO", "ADAMIXER_DEMO", "SETTINGS", "MIN_START", "Check",
            "bench_rows", "dino_config", "figures", "parse_args", "main"]
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("gpu_check: --device cuda but CUDA is not available")
+        raise UserError("--device cuda but CUDA is not available")
     compile_runs = args.rows is None or "compile" in args.rows
     reserve = COMPILE_RESERVE[device] if args.compile_reserve_s is None else args.compile_reserve_s
     check = Check(args.output_dir, args.budget_s, device,
@@ -152,4 +153,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main, tool="gpu_check"))

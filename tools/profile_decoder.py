@@ -31,6 +31,7 @@ from stageinteractor.benchmark.decoder_profile import (  # noqa: E402
     print_report,
     profile_decoder,
 )
+from stageinteractor.errors import run_tool  # noqa: E402
 
 __all__ = ["GEMM_OPS", "parse_args", "main"]
 
@@ -70,4 +71,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main, tool="profile_decoder"))

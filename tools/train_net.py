@@ -254,8 +254,8 @@ def main(args):
     setup_logger(_get(cfg, "train.output_dir", None), distributed_rank=comm.get_rank(),
                  name="stageinteractor", abbrev_name="si")
     if str(cfg.train.device) == "cpu":
-        logger.info("torch uses %d threads on %s CPU cores (on a busy machine fewer threads can "
-                    "be much faster: OMP_NUM_THREADS=1, see the README)", torch.get_num_threads(),
+        logger.info("torch threads: %d of %s CPU cores (on a busy machine fewer threads can be "
+                    "much faster: OMP_NUM_THREADS=1, see the README)", torch.get_num_threads(),
                     os.cpu_count())
     if args.eval_only:
         model = instantiate(cfg.model)

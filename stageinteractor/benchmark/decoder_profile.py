@@ -30,11 +30,14 @@ def _wrap(module, name: str, method: str = "forward") -> None:
 
 def build_inputs(config_file: str, image_size, layout: str, perturb: float):
     """(decoder in eval mode, features [(1, D, ceil(H/s), ceil(W/s))], sizes (1, 2), top-k).
-    One generator (seed 0) perturbs the weights, then draws the features."""
+    One generator (seed 0) perturbs the weights, then draws the features. The config goes
+    through the tools' front (a missing file: one-line ``ConfigError``)."""
     import torch
-    from detectron2.config import LazyConfig, instantiate
+    from detectron2.config import instantiate
 
-    cfg = LazyConfig.load(config_file)
+    from stageinteractor.d2.cli import load_config
+
+    cfg = load_config(config_file)
     torch.manual_seed(0)
     dec = instantiate(cfg.model.decoder).eval()
     g = torch.Generator().manual_seed(0)

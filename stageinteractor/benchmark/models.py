@@ -45,21 +45,19 @@ def add_import_roots(config_file: str) -> None:
 
 def load_model_config(config_file: str, opts: Sequence[str],
                       device: str) -> Tuple[Any, Dict[str, Any]]:
-    """Load a LazyConfig, apply the overrides strictly and make ``model`` buildable on ``device``
-    (detrex DINO -> device-agnostic DINO on CPU). Returns (model config node, info dict with
-    ``config_file``, ``opts``, ``device_agnostic_dino``). A missing file or a config without
-    ``model`` ends with a one-line ``SystemExit``."""
-    from detectron2.config import LazyConfig
+    """Load a LazyConfig through the tools' front (:func:`stageinteractor.d2.cli.load_config`:
+    strict overrides, switch check), and make ``model`` buildable on ``device`` (detrex DINO ->
+    device-agnostic DINO on CPU). Returns (model config node, info dict with ``config_file``,
+    ``opts``, ``device_agnostic_dino``). A missing file, a bad override or a config without
+    ``model`` raises a one-line :class:`~stageinteractor.errors.ConfigError`."""
+    from stageinteractor.d2.cli import load_config
+    from stageinteractor.errors import ConfigError
 
-    from stageinteractor.d2.engine import apply_overrides_strict
-
-    if not os.path.isfile(config_file):
-        raise SystemExit(f"benchmark: config file {config_file!r} does not exist")
-    add_import_roots(config_file)
-    cfg = LazyConfig.load(config_file)
-    cfg = apply_overrides_strict(cfg, list(opts))
+    if os.path.isfile(config_file):
+        add_import_roots(config_file)
+    cfg = load_config(config_file, list(opts))
     if "model" not in cfg:
-        raise SystemExit(f"benchmark: config {config_file} has no top-level 'model'")
+        raise ConfigError(f"config {config_file} has no top-level 'model'")
     swapped = False
     if device == "cpu":
         try:

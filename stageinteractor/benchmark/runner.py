@@ -17,7 +17,14 @@ from .counts import count_flops, count_ops, count_syncs
 from .load import LoadMonitor
 from .log import log
 from .memory import measure_memory_cpu, measure_memory_cuda
-from .models import build_model, is_stageinteractor, make_batch, param_counts, perturb_decoder
+from .models import (
+    build_model,
+    is_stageinteractor,
+    load_model_config,
+    make_batch,
+    param_counts,
+    perturb_decoder,
+)
 from .report import ab_ratios, empty_result, official_ratios, print_summary, side_figures
 from .roofline import ROOFLINE_N, interleave_roofline, measure_once, roofline_figures, sgemm_fn
 from .stats import spread
@@ -66,12 +73,14 @@ def start_reference(args, threads: int):
 
 
 def _build(args, specs) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
-    """(models, batches, results) of the sides, random weights (decoder perturbed)."""
+    """(models, batches, results) of the sides, random weights (decoder perturbed). Every
+    config is loaded and checked before the first model is built."""
     h, w = args.image_size
+    loaded = {n: load_model_config(cfg, opts, args.device) for n, (cfg, opts) in specs.items()}
     models, batches, res = {}, {}, {}
     for n, (cfg, opts) in specs.items():
         log(f"building {n}: {cfg} {' '.join(opts)}")
-        models[n], info = build_model(cfg, opts, args.device)
+        models[n], info = build_model(cfg, opts, args.device, *loaded[n])
         if args.perturb_decoder and is_stageinteractor(models[n]):
             perturb_decoder(models[n], args.perturb_decoder)
             info["decoder_perturbation"] = args.perturb_decoder

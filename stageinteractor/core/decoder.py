@@ -45,10 +45,10 @@ class StageInteractorDecoder(nn.Module):
         max_reused_channel_filters, num_reused_spatial_filters, filter_usage, static_mixing:
             the switches (``reuse_start`` is inert with ``reuse=False``).
         check_inputs: validate shapes and finiteness of the inputs in ``forward`` (skipped while
-            tracing / compiling / exporting; about 10 extra aten ops). On the CPU a NaN/Inf
-            raises ValueError naming the input; on an accelerator the finiteness check is a
-            device-side assert (``torch._assert_async``): it does not block the host, and a
-            failure surfaces as a CUDA error at the next synchronisation.
+            tracing / compiling / exporting; about 10 extra aten ops). The finiteness check
+            is a device-side assert (``torch._assert_async``), no host read: on an
+            accelerator a failure surfaces as a CUDA error at the next synchronisation; on
+            the CPU it raises ValueError naming the input at once.
         sampling_kernel: how the samplers read the maps, "auto" (gather on CPU with
             channels-last maps, else grid_sample), "grid_sample" or "gather" (same values; see
             :mod:`stageinteractor.core.sampler`).
@@ -196,25 +196,25 @@ class StageInteractorDecoder(nn.Module):
                 )
         if image_sizes.shape != (B, 2):
             raise ValueError(f"image_sizes must have shape (B={B}, 2) as (h, w), got {tuple(image_sizes.shape)}")
-        if f0.device.type != "cpu":
-            # an accelerator: no host read (it would block the host before the decoder's
-            # launches, issue 21); one device-side assert on float32 sums (NaN/Inf propagate;
-            # a float32 sum of half-precision maps does not overflow), raised asynchronously
-            sums = torch.stack([f.sum(dtype=torch.float32) for f in features]
-                               + [image_sizes.sum(dtype=torch.float32)])
+        # Finiteness without a host read (it would block the host before the decoder's
+        # launches, issue 21): one float32 sum per tensor (NaN/Inf propagate; a float32 sum of
+        # half-precision maps does not overflow) and one device-side assert. On an accelerator
+        # it fails asynchronously (a CUDA error at the next synchronisation); on the CPU it
+        # raises at once, and the inputs are then checked one by one to name the culprit (a
+        # float32 sum that merely overflowed is not reported as NaN/Inf).
+        sums = torch.stack([f.sum(dtype=torch.float32) for f in features]
+                           + [image_sizes.sum(dtype=torch.float32)])
+        try:
             _assert_async(torch.isfinite(sums).all(), "StageInteractorDecoder: features or "
                           "image_sizes contain NaN or Inf")
-            return
-        # CPU: one sum per tensor in its own dtype (a single pass, no float64 copy): NaN/Inf
-        # propagate. A non-finite sum is confirmed elementwise before raising, so that a sum
-        # that merely overflows (finite values near the dtype's max) is not reported as NaN/Inf.
-        sums = torch.stack([f.sum().float() for f in features] + [image_sizes.sum().float()])
-        finite = torch.isfinite(sums).tolist()
-        for lvl, ok in enumerate(finite[:-1]):
-            if not ok and not bool(torch.isfinite(features[lvl]).all()):
-                raise ValueError(f"features[{lvl}] contains NaN or Inf")
-        if not finite[-1] and not bool(torch.isfinite(image_sizes).all()):
-            raise ValueError("image_sizes contains NaN or Inf")
+        except RuntimeError:
+            if f0.device.type != "cpu":  # pragma: no cover - synchronous on a device
+                raise
+            for lvl, f in enumerate(features):
+                if not bool(torch.isfinite(f).all()):
+                    raise ValueError(f"features[{lvl}] contains NaN or Inf") from None
+            if not bool(torch.isfinite(image_sizes).all()):
+                raise ValueError("image_sizes contains NaN or Inf") from None
 
     # ------------------------------------------------------------------ forward
     def forward(

@@ -138,6 +138,9 @@ class DecoderStage(nn.Module):
         self.reg_delta = nn.Linear(query_dim, 4)
         self.register_buffer("half_sign", torch.tensor([-0.5, 0.5]), persistent=False)
         self.register_buffer("corner_half", torch.tensor([-0.5, -0.5, 0.5, 0.5]), persistent=False)
+        limit = torch.tensor([2.0**20, 2.0**20, 32.0, 32.0])
+        self.register_buffer("xyzr_min", -limit, persistent=False)
+        self.register_buffer("xyzr_max", limit, persistent=False)
         self.reset_parameters()
 
     def generate(self, q: Tensor) -> Dict[str, Tensor]:
@@ -228,6 +231,12 @@ class DecoderStage(nn.Module):
         # values as x + dx*w and z + dz computed separately (a product by 1 is exact)
         scale = wh if self.refine_mode == "wh" else torch.pow(2.0, xyzr[..., 2:3]).expand(-1, -1, 2)
         new_xyzr = torch.addcmul(xyzr, delta, F.pad(scale, (0, 2), value=1.0))
+        if torch.is_grad_enabled():
+            # training: a diverging (AMP) step must give finite boxes -- finite or overflowing
+            # losses the GradScaler can skip, not an error of the matcher. |x|, |y| <= 2^20 px
+            # and |z|, |r| <= 32 (w, h <= 2^48) are far beyond any real box, so this changes
+            # nothing else (NaN stays NaN). Not in inference: one aten op per stage.
+            new_xyzr = torch.clamp(new_xyzr, min=self.xyzr_min, max=self.xyzr_max)
         new_xy, z, r = new_xyzr.split([2, 1, 1], dim=-1)
         new_wh = torch.pow(2.0, torch.addcmul(z, r, self.half_sign))
         boxes = torch.addcmul(new_xy.repeat(1, 1, 2), new_wh.repeat(1, 1, 2), self.corner_half)

@@ -42,7 +42,7 @@ from .cli import apply_overrides_strict
 from .deferred_scalars import deferring, take_pending, write_scalars
 
 __all__ = ["ConfigError", "CheckpointFileError", "AtomicCheckpointer", "Trainer",
-           "create_ddp_model", "apply_overrides_strict", "check_checkpoint_file",
+           "make_grad_scaler", "create_ddp_model", "apply_overrides_strict", "check_checkpoint_file",
            "truncate_metrics", "atomic_write_bytes", "swin_optimizer_params",
            "SWIN_NO_DECAY_KEYS"]
 
@@ -120,6 +120,19 @@ class AtomicCheckpointer(ImageNetInitMixin, DetectionCheckpointer):
 # ----------------------------------------------------------------------------------------------
 # trainer
 # ----------------------------------------------------------------------------------------------
+def make_grad_scaler(device_type: str = "cuda"):
+    """A GradScaler for ``device_type`` across the torch versions pyproject.toml allows:
+    ``torch.amp.GradScaler(device_type)`` (torch >= 2.3), else ``torch.cuda.amp.GradScaler()``
+    (CUDA only; older torch has no CPU scaler)."""
+    scaler_cls = getattr(getattr(torch, "amp", None), "GradScaler", None)
+    if scaler_cls is not None:
+        return scaler_cls(device_type)
+    if device_type == "cuda":
+        return torch.cuda.amp.GradScaler()
+    raise RuntimeError(f"torch {torch.__version__} has no GradScaler for {device_type!r} "
+                       "(torch.amp.GradScaler needs torch >= 2.3)")
+
+
 def _iteration_seeds(seed: int, iteration: int, rank: int) -> np.ndarray:
     return np.random.SeedSequence([int(seed), int(iteration), int(rank)]).generate_state(3)
 
@@ -135,19 +148,22 @@ class Trainer(SimpleTrainer):
         clip_grad: ``None`` or kwargs of ``torch.nn.utils.clip_grad_norm_`` (``max_norm``,
             ``norm_type``), applied to all parameters (global norm).
         seed: base seed of the per-iteration re-seeding; ``None`` disables it.
+        grad_scaler: with ``amp``, whether to scale the loss with a GradScaler
+            (:func:`make_grad_scaler`); ``None`` (default): on CUDA only. ``True`` on the CPU
+            runs the CUDA step's code path there (the host-sync counter's dry run uses it).
     """
 
     def __init__(self, model, data_loader, optimizer, *, device: str = "cpu",
                  amp: bool = False, clip_grad: Optional[Dict[str, Any]] = None,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, grad_scaler: Optional[bool] = None):
         super().__init__(model, data_loader, optimizer)
         self.device_type = "cuda" if str(device).startswith("cuda") else "cpu"
         self.amp = bool(amp)
         self.clip_grad = dict(clip_grad) if clip_grad else None
         self.seed = seed
         self.grad_scaler = None
-        if self.amp and self.device_type == "cuda":
-            self.grad_scaler = torch.amp.GradScaler("cuda")
+        if self.amp and (self.device_type == "cuda" if grad_scaler is None else grad_scaler):
+            self.grad_scaler = make_grad_scaler(self.device_type)
 
     def _reseed(self) -> None:
         s = _iteration_seeds(self.seed, self.iter, comm.get_rank())
@@ -252,8 +268,22 @@ class Trainer(SimpleTrainer):
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
 
 
+def _cpu_process_group():
+    """The process group for all-reducing CPU tensors: the default one unless it is NCCL
+    (detectron2's ``launch`` picks NCCL whenever CUDA is available, also for
+    ``train.device=cpu``; NCCL cannot reduce CPU tensors), then a gloo group of all ranks."""
+    import torch.distributed as dist
+
+    if dist.get_backend() != "nccl":
+        return None
+    logger.info("CPU model under an NCCL process group: DDP all-reduces over a gloo group")
+    return dist.new_group(backend="gloo")  # collective: every rank builds its DDP model here
+
+
 def create_ddp_model(model: torch.nn.Module, *, fp16_compression: bool = False, **kwargs):
-    """Wrap in DistributedDataParallel when there are several processes (CUDA or CPU/gloo)."""
+    """Wrap in DistributedDataParallel when there are several processes (CUDA, or CPU over
+    gloo -- also when the default process group is NCCL, as on a GPU machine with
+    ``train.device=cpu``)."""
     if comm.get_world_size() == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
@@ -261,6 +291,8 @@ def create_ddp_model(model: torch.nn.Module, *, fp16_compression: bool = False, 
     on_cuda = any(p.is_cuda for p in model.parameters())
     if on_cuda and "device_ids" not in kwargs:
         kwargs["device_ids"] = [comm.get_local_rank()]
+    if not on_cuda and "process_group" not in kwargs:
+        kwargs["process_group"] = _cpu_process_group()
     ddp = DistributedDataParallel(model, **kwargs)
     if fp16_compression and on_cuda:
         from torch.distributed.algorithms.ddp_comm_hooks import default as comm_hooks

@@ -67,8 +67,10 @@ def count_training_step(
     was_training = model.training  # (detectron2's trainer switches the model to train mode)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-8, weight_decay=1e-4)
+    # with AMP the GradScaler runs on every device (on the CPU: the CUDA step's code path, so
+    # that its per-step found-inf read is counted in the dry run too)
     trainer = Trainer(model, itertools.repeat(batch), optimizer, device=device.type, amp=amp,
-                      clip_grad=clip_grad, seed=None)
+                      clip_grad=clip_grad, seed=None, grad_scaler=amp or None)
     model.train()
     try:
         with EventStorage(0) as storage:

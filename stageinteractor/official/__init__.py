@@ -10,4 +10,8 @@ the reference worker runs in the authors' environment. Importing this package im
 * :mod:`.fixture`          the parity fixture's weight/input formula and its loader
 * :mod:`.reference_worker` the authors' model as a same-run timing reference: the worker that
                            runs in their environment and its line protocol
+* :mod:`.reference_client` the client side of that protocol (starts the worker in the
+                           authors' Python and exchanges one JSON line per call)
+
+Their environment: ``python scripts/build_official_env.py VENV`` (docs/OFFICIAL.md).
 """

@@ -1,6 +1,7 @@
 """Convert the authors' (mmdet 2.12 fork) StageInteractor checkpoints to our layout and back.
 
-Official layout: the project's spec ``official_checkpoint_layout.md``. A checkpoint is a
+Official layout: :func:`official_layout` (generated; the authors' parameter counts per backbone
+are checked in ``tests/d2/test_official_checkpoint.py``). A checkpoint is a
 ``torch.save`` dict ``{"meta", "state_dict", "optimizer"}`` (or a bare state dict) with keys
 ``backbone.*`` (R50 / R101 / X101-DCN / Swin-S), ``neck.*`` (ChannelMapping), ``rpn_head.*``
 (initial queries) and ``roi_head.bbox_head.{s}.*`` (the decoder stages).

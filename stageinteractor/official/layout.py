@@ -316,8 +316,7 @@ OURS_STAGES_PREFIX = "stages"
 
 # official (relative to ``roi_head.bbox_head.{s}.``) -> ours (relative to ``stages.{s}.``);
 # longest prefix first. Every tensor keeps its layout (same rows/columns order), see the
-# checklist of official_checkpoint_layout.md §9 and the layouts of core/dynamic_mixing.py,
-# core/sampler.py, core/attention.py.
+# layouts of core/dynamic_mixing.py, core/sampler.py, core/attention.py.
 _STAGE_RENAMES: Dict[str, str] = {
     "iof_tau": "attention.iof_tau",
     "fc_cls.": "cls_logits.",

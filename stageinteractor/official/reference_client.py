@@ -2,7 +2,7 @@
 timed in the same run as ours, call by call.
 
 The worker (``tools/official_reference.py``, run by the authors' environment's ``python``;
-``../shared/tools/official_runtime/setup.sh`` builds one) is started as
+``python scripts/build_official_env.py VENV`` builds one) is started as
 
     PY WORKER --repo DIR --size H W [--threads T]
 
@@ -17,7 +17,8 @@ temporary file whose tail is shown when it fails.
 * ``quit`` -> ``{"bye": true}``, then the worker exits;
 * any failure -> ``{"error": str}`` (raised here as ``RuntimeError``).
 
-Imports only the standard library (this side runs in our environment, the worker in theirs).
+Imports only the standard library and :mod:`stageinteractor.errors` (this side runs in our
+environment, the worker in theirs).
 """
 
 import json
@@ -25,6 +26,8 @@ import os
 import subprocess
 import tempfile
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+from stageinteractor.errors import UserError
 
 __all__ = ["DEFAULT_WORKER", "ReferenceSettingsError", "resolve_reference", "OfficialReference"]
 
@@ -34,12 +37,13 @@ DEFAULT_WORKER = os.path.join(_REPO, "tools", "official_reference.py")
 
 _NOT_GIVEN = (
     "authors' reference not given (--official-python/--official-repo or "
-    "$OFFICIAL_PY/$OFFICIAL_REPO; ../shared/tools/official_runtime/setup.sh builds them)"
+    "$OFFICIAL_PY/$OFFICIAL_REPO; python scripts/build_official_env.py VENV builds them)"
 )
 
 
-class ReferenceSettingsError(ValueError):
-    """The authors' environment was asked for but cannot be used (one-line message)."""
+class ReferenceSettingsError(UserError, ValueError):
+    """The authors' environment was asked for but cannot be used (a user mistake: a tool ends on
+    it with one line, :func:`stageinteractor.errors.run_tool`)."""
 
 
 def resolve_reference(

@@ -416,10 +416,29 @@ def test_missing_official_python_is_a_one_line_error(tmp_path):
          "--threads", "1", "--official-python", str(tmp_path / "no_python"),
          "--official-repo", str(tmp_path), *TINY],
         cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert p.returncode != 0
+    assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1] == (
-        f"benchmark: authors' reference: python '{tmp_path / 'no_python'}' does not exist")
+        f"benchmark: error: authors' reference: python '{tmp_path / 'no_python'}' does not exist")
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--config-file", "configs/no_such.py"], "benchmark: error: config file "
+     "'configs/no_such.py' does not exist"),
+    (["--config-file", DEMO, "model.decoder.num_querys=10"], "did you mean"),
+    (["--config-file", DEMO, "--compare-opts", "model.decoder.sampler=grouepd"], "grouepd"),
+])
+def test_config_mistakes_end_in_one_line(args, line):
+    """Issue 22: the tools' front (stageinteractor.d2.cli) -- one line, exit 2, nothing run."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "tools/benchmark.py", *args, "--image-size", "64", "96",
+                        "--iters", "1", "--decoder-only", "--no-flops", "--no-roofline"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and line in err[-1] and err[-1].startswith("benchmark: error: ")
+    assert "Traceback" not in p.stderr and "decoder-only:" not in p.stderr
 
 
 def test_memory_worker_reports_a_positive_peak():
