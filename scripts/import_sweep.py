@@ -183,7 +183,13 @@ def sweep(root, package, scripts):
                 else:
                     spec = importlib.util.spec_from_file_location("_import_sweep_" + name, path)
                     mod = importlib.util.module_from_spec(spec)
-                    spec.loader.exec_module(mod)
+                    # registered as a real import would be (dataclasses, pickle and typing
+                    # look a module up in sys.modules while it executes)
+                    sys.modules[spec.name] = mod
+                    try:
+                        spec.loader.exec_module(mod)
+                    finally:
+                        sys.modules.pop(spec.name, None)
         except BaseException as e:  # noqa: BLE001 - SystemExit of a tool's requirement check too
             if isinstance(e, KeyboardInterrupt):
                 raise

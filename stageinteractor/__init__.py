@@ -8,6 +8,9 @@ Three layers, each importable on its own:
                                     checkpoint conversion helpers.
 * ``stageinteractor.detrex_ext`` -- detrex layer: CSLA criteria wrapping detrex's criteria and
                                     the one-line ``use_csla`` config swap.
+* ``stageinteractor.official``   -- the authors' code as data: checkpoint key layout and
+                                    conversion, parity fixture formula, reference worker.
+                                    Depends on the core only.
 """
 
 __version__ = "0.1.0"

@@ -10,8 +10,9 @@ Usage::
     # a checkpoint trained here -> the authors' layout (evaluate with their code)
     python tools/convert_official_checkpoint.py --reverse model_final.pth OUT_official.pth
 
-Accepts R50 / R101 / X101-DCN / Swin-S backbones and any number of queries (read from the
-checkpoint). The optimiser state and ``meta`` are dropped; so are the dead ``subbox_score``
+Accepts R50 / R101 / X101-DCN / Swin-S backbones, any number of queries and of classes (read
+from the checkpoint), both directions; the decoder has the released 6 stages. Needs no
+detectron2 unless ``--config`` is given. The optimiser state and ``meta`` are dropped; so are the dead ``subbox_score``
 layers (checked to be zero, a warning names them otherwise) and the constant buffers. With
 ``--config`` the converted state dict is also checked against the model that the config builds
 (every key present, same shapes, nothing extra).
@@ -31,13 +32,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from stageinteractor.requirements import require  # noqa: E402
-
-require("tools/convert_official_checkpoint.py", "detectron2")
-
-from stageinteractor.d2.official_checkpoint import (  # noqa: E402
+from stageinteractor.official.checkpoint import (  # noqa: E402
     ConversionError,
-    build_config_model,
     check_against_model,
     convert_official_to_ours,
     convert_ours_to_official,
@@ -48,7 +44,12 @@ from stageinteractor.d2.official_checkpoint import (  # noqa: E402
 
 
 def model_state_from_config(config_file: str):
-    """State dict (shapes) of the model that ``config_file`` builds."""
+    """State dict (shapes) of the model that ``config_file`` builds (needs detectron2)."""
+    from stageinteractor.requirements import require
+
+    require("tools/convert_official_checkpoint.py --config", "detectron2")
+    from stageinteractor.d2.config_model import build_config_model
+
     try:
         return build_config_model(config_file).state_dict()
     except ConversionError:

@@ -18,6 +18,9 @@ starts from and the points it samples, one colour per query.
 
 Trailing ``key=value`` arguments are LazyConfig overrides (e.g. ``train.init_checkpoint=...``,
 ``model.decoder.reuse=False``); ``--checkpoint`` is a shortcut for ``train.init_checkpoint``.
+Boxes are labelled with the category names of the config's test dataset (COCO-json datasets:
+the json's categories). A mistake (config file, override, switch value, checkpoint, input)
+ends in one line ``demo: error: ...`` and exit status 2 (``stageinteractor.d2.cli``).
 """
 import argparse
 import os
@@ -33,12 +36,17 @@ from stageinteractor.requirements import require  # noqa: E402
 
 require("tools/demo.py", "detectron2", "cv2")  # detectron2's Visualizer imports cv2
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.config import instantiate  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
+from detectron2.data.catalog import Metadata  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
+
+from stageinteractor.d2.checkpoint_files import load_weights  # noqa: E402
+from stageinteractor.d2.cli import cfg_get, load_config, run_tool, split_overrides  # noqa: E402
+from stageinteractor.d2.data.validate import dataset_categories  # noqa: E402
+from stageinteractor.errors import UserError  # noqa: E402
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 PALETTE = [
@@ -63,7 +71,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-size", type=int, default=None, help="test short side (default: from config)")
     p.add_argument("--max-size", type=int, default=None, help="test long side limit (default: from config)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="LazyConfig overrides key=value")
-    return p.parse_args(argv)
+    flags, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(flags + overrides)  # flags may follow the overrides
+    # `--input a.png key=value`: --input swallowed the overrides
+    extra = [v for v in args.input if "=" in v and not os.path.exists(v)]
+    args.input = [v for v in args.input if v not in extra]
+    args.opts = list(args.opts) + extra
+    if not args.input:
+        p.error("--input needs at least one image or folder")
+    return args
 
 
 def list_images(inputs: List[str]) -> List[str]:
@@ -76,9 +92,9 @@ def list_images(inputs: List[str]) -> List[str]:
         elif os.path.isfile(path):
             files.append(path)
         else:
-            raise FileNotFoundError(f"--input: {path!r} is neither an image file nor a folder")
+            raise UserError(f"--input: {path!r} is neither an image file nor a folder")
     if not files:
-        raise FileNotFoundError(f"--input: no images ({', '.join(IMAGE_EXTS)}) found in {inputs}")
+        raise UserError(f"--input: no images ({', '.join(IMAGE_EXTS)}) found in {inputs}")
     return files
 
 
@@ -96,25 +112,37 @@ def _test_augmentations(cfg, min_size, max_size):
 
 
 def _metadata(cfg):
-    """Class names of the config's test dataset (registered when the config was loaded)."""
-    try:
-        names = cfg.dataloader.test.dataset.names
-        name = names if isinstance(names, str) else list(names)[0]
-        return MetadataCatalog.get(name)
-    except Exception:
+    """Metadata with the category names of the config's test dataset (registered when the
+    config was loaded; for a COCO json not loaded yet, read from its categories), or None."""
+    names = cfg_get(cfg, "dataloader.test.dataset.names")
+    if not names:
         return None
+    name = names if isinstance(names, str) else list(names)[0]
+    if not isinstance(name, str):
+        return None
+    classes = dataset_categories(name)
+    return Metadata(name=name, thing_classes=classes) if classes else MetadataCatalog.get(name)
+
+
+def _label_counts(instances, metadata) -> str:
+    """``"cat 2, dog 1"``: the drawn detections per class (names when the metadata has them)."""
+    names = metadata.get("thing_classes", None) if metadata is not None else None
+    counts: Dict[str, int] = {}
+    for c in instances.pred_classes.tolist():
+        label = names[c] if names and 0 <= c < len(names) else str(c)
+        counts[label] = counts.get(label, 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
 
 
 def build(args):
-    cfg = LazyConfig.load(args.config_file)
     opts = list(args.opts)
     if args.checkpoint:
         opts.append(f"train.init_checkpoint={args.checkpoint}")
-    cfg = LazyConfig.apply_overrides(cfg, opts)
+    cfg = load_config(args.config_file, opts)
     model = instantiate(cfg.model).to(args.device).eval()
-    ckpt = cfg.train.get("init_checkpoint", "") if "train" in cfg else ""
+    ckpt = cfg_get(cfg, "train.init_checkpoint", "")
     if ckpt:
-        DetectionCheckpointer(model).load(ckpt)
+        load_weights(model, ckpt, config_file=args.config_file)
     else:
         print("WARNING: no checkpoint given (--checkpoint or train.init_checkpoint=...): random weights")
     return cfg, model, _test_augmentations(cfg, args.min_size, args.max_size)
@@ -195,20 +223,27 @@ def draw_sampling_points(image_rgb, stages: List[Dict], scale, num_queries: int)
 
 
 def main(argv=None) -> int:
+    """The command line (also called in-process by tools/run_demo.py); returns the exit status."""
+    return run_tool(_run, argv, tool="demo")
+
+
+def _run(argv) -> int:
     args = parse_args(argv)
+    images = list_images(args.input)
     cfg, model, resize = build(args)
     metadata = _metadata(cfg)
     os.makedirs(args.output, exist_ok=True)
     from PIL import Image
 
-    for path in list_images(args.input):
+    for path in images:
         image = read_image(path, format="RGB")
         instances, stages, scale = run_one(model, resize, image, args.sampling_points)
         stem = os.path.splitext(os.path.basename(path))[0]
         out_path = os.path.join(args.output, stem + ".jpg")
         Image.fromarray(draw_detections(image, instances, metadata, args.confidence_threshold)).save(out_path)
-        n = int((instances.scores >= args.confidence_threshold).sum())
-        print(f"{path}: {n} detections >= {args.confidence_threshold} -> {out_path}")
+        drawn = instances[instances.scores >= args.confidence_threshold]
+        print(f"{path}: {len(drawn)} detections >= {args.confidence_threshold}"
+              f"{' (' + _label_counts(drawn, metadata) + ')' if len(drawn) else ''} -> {out_path}")
         if args.sampling_points:
             pts_path = os.path.join(args.output, stem + "_points.jpg")
             Image.fromarray(draw_sampling_points(image, stages, scale, args.num_queries)).save(pts_path)

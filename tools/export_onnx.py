@@ -29,7 +29,9 @@ error 1e-3, score error 1e-4) or disagrees on classes. The PyTorch reference is 
 inference path ``model([{"image", "height", "width"}])`` when the image is the whole canvas
 (``--dynamic-size``), else the same exported module run eagerly on the same canvas.
 
-Trailing ``key=value`` arguments are LazyConfig overrides.
+Trailing ``key=value`` arguments are LazyConfig overrides. A mistake (config file, override,
+switch value, checkpoint, image path) ends in one line ``export_onnx: error: ...`` and exit
+status 2 (``stageinteractor.d2.cli``), before the ONNX file is written.
 """
 
 import argparse
@@ -47,8 +49,7 @@ from stageinteractor.requirements import require  # noqa: E402
 
 require("tools/export_onnx.py", "detectron2", "onnx", "onnxruntime")
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.config import instantiate  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 
@@ -60,6 +61,9 @@ from stageinteractor.d2.export import (  # noqa: E402
     place_on_canvas,
     torch_reference,
 )
+from stageinteractor.d2.checkpoint_files import load_weights  # noqa: E402
+from stageinteractor.d2.cli import cfg_get, load_config, run_tool, split_overrides  # noqa: E402
+from stageinteractor.errors import ConfigError, UserError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -88,7 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--input-dtype", choices=("uint8", "float32"), default="uint8")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="LazyConfig overrides key=value")
-    args = p.parse_args(argv)
+    flags, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(flags + overrides)  # flags may follow the overrides
     if args.verify:
         # `--verify a.png b.png key=value ...`: the overrides after the images are overrides
         extra = [v for v in args.verify if "=" in v and not os.path.exists(v)]
@@ -100,15 +105,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_model(config_file, opts):
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"--config-file: {config_file!r} does not exist")
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(opts))
+    cfg = load_config(config_file, opts)
     model = instantiate(cfg.model).eval()
-    ckpt = cfg.train.get("init_checkpoint", "") if "train" in cfg else ""
+    ckpt = cfg_get(cfg, "train.init_checkpoint", "")
     if ckpt:
-        if not os.path.isfile(ckpt):
-            raise FileNotFoundError(f"train.init_checkpoint: {ckpt!r} does not exist")
-        DetectionCheckpointer(model).load(ckpt)
+        load_weights(model, ckpt, config_file=config_file)
     else:
         print("WARNING: no train.init_checkpoint given: exporting random weights")
     return cfg, model
@@ -119,7 +120,7 @@ def test_resize(cfg):
     try:
         augs = instantiate(cfg.dataloader.test.mapper).augmentations
     except Exception as e:  # noqa: BLE001 - any config without a usable test mapper
-        raise ValueError(f"--verify needs dataloader.test.mapper in the config ({e})") from e
+        raise ConfigError(f"--verify needs dataloader.test.mapper in the config ({e})") from None
     return augs if isinstance(augs, T.AugmentationList) else T.AugmentationList(list(augs))
 
 
@@ -146,7 +147,7 @@ def list_images(items):
         else:
             matches = sorted(glob.glob(item))
             if not matches:
-                raise FileNotFoundError(f"--verify: {item!r} is neither an image nor a folder")
+                raise UserError(f"--verify: {item!r} is neither an image nor a folder")
             files += matches
     return files
 
@@ -200,12 +201,18 @@ def verify(cfg, model, path, files, canvas, input_dtype):
 
 
 def main(argv=None) -> int:
+    """The command line (also callable in-process); returns the exit status."""
+    return run_tool(_main, argv, tool="export_onnx")
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
     with torch.no_grad():  # scoped: main() is also called in-process (tests, notebooks)
         return _run(args)
 
 
 def _run(args) -> int:
+    files = list_images(args.verify)[: args.max_verify] if args.verify else []
     cfg, model = load_model(args.config_file, args.opts)
     canvas = tuple(args.image_size) if args.image_size else default_canvas(cfg, model)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
@@ -225,7 +232,6 @@ def _run(args) -> int:
     )
     if not args.verify:
         return 0
-    files = list_images(args.verify)[: args.max_verify]
     ok = verify(
         cfg, model, args.output, files, None if args.dynamic_size else canvas, args.input_dtype
     )

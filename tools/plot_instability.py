@@ -22,6 +22,8 @@ is plotted with the first group not named ``one2many``, or the one given by ``--
 Labels: ``--labels`` if given, else the config file name recorded by detectron2 in the folder's
 ``log.txt`` (``config_file='configs/demo/stageinteractor_demo.py'`` -> ``stageinteractor_demo``),
 else the folder name. ``--smooth N``: trailing moving average over N logged points (1 = raw).
+A mistake (a folder without ``metrics.json``, no instability scalars, a bad option value) ends
+in one line ``plot_instability: error: ...`` and exit status 2.
 """
 
 import argparse
@@ -32,6 +34,15 @@ import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from stageinteractor.errors import UserError, run_tool  # noqa: E402
+
+
+class MetricsError(UserError, ValueError):
+    """A run folder or an option cannot be plotted (one line, see stageinteractor.errors)."""
+
 
 KEY_RE = re.compile(r"(?:^|/)(?:label_)?instability_s(\d+)_s(\d+)$")
 CONFIG_FILE_RE = re.compile(r"config_file=['\"]([^'\"]+)['\"]")
@@ -62,7 +73,7 @@ def load_metrics(folder: str, group: Optional[str] = None) -> Series:
     """
     path = os.path.join(folder, "metrics.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MetricsError(
             f"{folder!r}: no metrics.json (expected a tools/train_net.py output folder)"
         )
     groups: Dict[str, Dict[Pair, Dict[int, float]]] = {}
@@ -74,7 +85,7 @@ def load_metrics(folder: str, group: Optional[str] = None) -> Series:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not a JSON record ({e})") from e
+                raise MetricsError(f"{path}:{lineno}: not a JSON record ({e})") from None
             if not isinstance(rec, dict) or "iteration" not in rec:
                 continue
             for name, value in rec.items():
@@ -83,7 +94,7 @@ def load_metrics(folder: str, group: Optional[str] = None) -> Series:
                     per_pair = groups.setdefault(key_group(name), {})
                     per_pair.setdefault(pair, {})[int(rec["iteration"])] = float(value)
     if not groups:
-        raise ValueError(
+        raise MetricsError(
             f"{path}: no label-instability scalars (names ending in 'instability_s<a>_s<b>', e.g. "
             "'diag/label_instability_s0_s1'); was the run trained with a StageInteractor or CSLA "
             "criterion?"
@@ -92,7 +103,7 @@ def load_metrics(folder: str, group: Optional[str] = None) -> Series:
         names = sorted(groups)
         group = next((g for g in names if "one2many" not in g), names[0])
     elif group not in groups:
-        raise ValueError(
+        raise MetricsError(
             f"{path}: no instability scalars with the prefix {group!r}; found {sorted(groups)}"
         )
     out: Series = {}
@@ -194,11 +205,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """The command line; returns the exit status (2 and one line on a mistake)."""
+    return run_tool(_main, argv, tool="plot_instability")
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     if args.labels is not None and len(args.labels) != len(args.runs):
-        raise ValueError(f"--labels: got {len(args.labels)} labels for {len(args.runs)} runs")
+        raise MetricsError(f"--labels: got {len(args.labels)} labels for {len(args.runs)} runs")
     if args.smooth < 1:
-        raise ValueError(f"--smooth must be >= 1, got {args.smooth}")
+        raise MetricsError(f"--smooth must be >= 1, got {args.smooth}")
     labels = args.labels or [run_label(r) for r in args.runs]
     runs = [(label, load_metrics(r, args.group)) for label, r in zip(labels, args.runs)]
     pairs = plot_runs(runs, args.output, smooth=args.smooth, title=args.title)

@@ -14,34 +14,32 @@ after one warm-up. Tables (milliseconds per inference):
   generator GEMM, static layers, out_proj, FFN), summed over the stages;
 * ops: self time per aten op, and per (op, input shapes) for the largest entries;
 * the share of time in matrix products (addmm/mm/bmm/baddbmm) and their multiply-add rate.
+
+The work is done by ``stageinteractor.benchmark.decoder_profile``.
 """
 import argparse
 import os
 import sys
-import time
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::matmul")
+from stageinteractor.benchmark.decoder_profile import (  # noqa: E402
+    GEMM_OPS,
+    build_inputs,
+    print_report,
+    profile_decoder,
+)
+from stageinteractor.errors import run_tool  # noqa: E402
+
+__all__ = ["GEMM_OPS", "parse_args", "main"]
 
 
-def _wrap(module, name: str, method: str = "forward") -> None:
-    from torch.profiler import record_function
-
-    inner = getattr(module, method)
-
-    def wrapped(*args, **kwargs):
-        with record_function(name):
-            return inner(*args, **kwargs)
-
-    setattr(module, method, wrapped)
-
-
-def main(argv=None) -> None:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config-file", default=os.path.join(_REPO_ROOT, "configs/stageinteractor/stageinteractor_r50_100q_1x.py"))
+    ap.add_argument("--config-file", default=os.path.join(
+        _REPO_ROOT, "configs/stageinteractor/stageinteractor_r50_100q_1x.py"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--image-size", type=int, nargs=2, default=(800, 1216), metavar=("H", "W"))
@@ -52,111 +50,25 @@ def main(argv=None) -> None:
     ap.add_argument("--malloc", choices=("retain", "system"), default="system",
                     help="system: glibc's defaults; retain: keep freed memory for reuse "
                     "(stageinteractor.cpu_allocator), as tools/benchmark.py --malloc retain")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.malloc == "retain":
         from stageinteractor.cpu_allocator import retain_freed_memory
 
         retain_freed_memory()
-
     import torch
-    from detectron2.config import LazyConfig, instantiate
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    from stageinteractor.core.postprocess import topk_detections
 
     torch.set_num_threads(args.threads)
-    cfg = LazyConfig.load(args.config_file)
-    torch.manual_seed(0)
-    dec = instantiate(cfg.model.decoder).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in dec.parameters():
-            p.add_(args.perturb_decoder * torch.randn(p.shape, generator=g))
-    H, W = args.image_size
-    fmt = torch.channels_last if args.layout == "channels_last" else torch.contiguous_format
-    feats = [
-        torch.randn(1, dec.query_dim, -(-H // s), -(-W // s), generator=g).contiguous(memory_format=fmt)
-        for s in dec.feature_strides
-    ]
-    sizes = torch.tensor([[H, W]])
-    k = int(getattr(cfg.model, "max_detections_per_image", None) or 100)
-
-    def run():
-        with torch.no_grad():
-            out = dec(feats, sizes)[-1]
-            topk_detections(out["logits"], out["boxes"], k)
-
-    run()  # warm-up (not profiled)
-    t0 = time.perf_counter()
-    run()
-    plain = time.perf_counter() - t0
-    parts = {"attention": "attention", "sampler": "sampler", "mixing": "mixing"}
-    for s, st in enumerate(dec.stages):
-        _wrap(st, f"stage{s}")
-        _wrap(st, "part.generator", method="generate")  # the fused generator GEMM (+ gate sigmoid)
-        for attr, name in parts.items():
-            _wrap(getattr(st, attr), f"part.{name}")
-        _wrap(st.mixing.out_proj, "part.mixing.out_proj")
-        for m in st.mixing.static or []:
-            _wrap(m, "part.mixing.static")
-        _wrap(st.ffn_fc1, "part.ffn")
-        _wrap(st.ffn_fc2, "part.ffn")
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        for _ in range(args.iters):
-            with record_function("decoder"):
-                run()
-    n = args.iters
-    ka = prof.key_averages()
-    total = next(e for e in ka if e.key == "decoder").cpu_time_total / n / 1e3
-    md = args.markdown
-
-    def table(title, header, rows):
-        print(f"\n{title}")
-        if md:
-            print("| " + " | ".join(header) + " |")
-            print("|" + "---|" * len(header))
-            for r in rows:
-                print("| " + " | ".join(str(c) for c in r) + " |")
-        else:
-            for r in [header] + rows:
-                print("  " + "  ".join(f"{str(c):>12s}" if i else f"{str(c):40s}" for i, c in enumerate(r)))
-
-    print(
-        f"decoder inference: {args.threads} thread(s), {H}x{W}, layout {args.layout}, torch {torch.__version__}: "
-        f"{total:.1f} ms per call under the profiler ({plain * 1e3:.1f} ms without)"
-    )
-    sec = sorted((e for e in ka if e.key.startswith(("stage", "part."))), key=lambda e: e.key)
-    table(
-        "sections (inclusive ms per inference; parts summed over stages)",
-        ["section", "ms", "% of decoder"],
-        [[e.key, f"{e.cpu_time_total / n / 1e3:.1f}", f"{100 * e.cpu_time_total / n / 1e3 / total:.1f}"] for e in sec],
-    )
-    ops = sorted(
-        (e for e in ka if e.key.startswith("aten::")), key=lambda e: -e.self_cpu_time_total
-    )
-    table(
-        "ops by self time",
-        ["op", "ms", "% of decoder", "calls"],
-        [
-            [e.key, f"{e.self_cpu_time_total / n / 1e3:.1f}", f"{100 * e.self_cpu_time_total / n / 1e3 / total:.1f}", e.count // n]
-            for e in ops[: args.rows]
-        ],
-    )
-    shaped = sorted(
-        (e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")),
-        key=lambda e: -e.self_cpu_time_total,
-    )
-    table(
-        "largest (op, input shapes)",
-        ["op", "ms", "calls", "shapes"],
-        [
-            [e.key, f"{e.self_cpu_time_total / n / 1e3:.1f}", e.count // n, str(e.input_shapes)[:90]]
-            for e in shaped[: args.rows]
-        ],
-    )
-    gemm = sum(e.self_cpu_time_total for e in ops if e.key in GEMM_OPS) / n / 1e3
-    print(f"\nmatrix products: {gemm:.1f} ms = {100 * gemm / total:.1f}% of the decoder; other ops {total - gemm:.1f} ms")
+    dec, feats, sizes, k = build_inputs(args.config_file, args.image_size, args.layout,
+                                        args.perturb_decoder)
+    res = profile_decoder(dec, feats, sizes, k, args.iters, args.rows)
+    h, w = args.image_size
+    print_report(res, f"decoder inference: {args.threads} thread(s), {h}x{w}, layout "
+                      f"{args.layout}, torch {torch.__version__}", args.markdown)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main, tool="profile_decoder"))

@@ -23,7 +23,8 @@ one process (the tools are imported, not spawned), so the result is deterministi
 configs' fixed seed (for a given ``--threads``; the default is one torch thread, which is the
 fastest setting for these small models and does not collapse on a loaded machine the way a
 two-thread team does). ``--val-images N`` evaluates on the first N val images only (a quick smoke
-run; the AP is then not comparable with the full val split).
+run; the AP is then not comparable with the full val split). A mistake ends in one line
+(``run_demo: error: ...``, or the line of the tool it ran) and exit status 2.
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ from stageinteractor.requirements import require  # noqa: E402
 
 # the demo trains with detectron2 and draws its pictures with tools/demo.py (cv2)
 require("tools/run_demo.py", "detectron2", "cv2")
+
+from stageinteractor.errors import UserError, run_tool  # noqa: E402
 
 MODELS = ("stageinteractor", "adamixer")
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -189,11 +192,12 @@ def run_model(model: str, args: argparse.Namespace, train_net, demo) -> Dict:
                            f"train.checkpointer.period={args.max_iter}"]
         print(f"{banner}training: python tools/train_net.py --config-file "
               f"{os.path.relpath(config, REPO_ROOT)} {' '.join(train_opts)}", flush=True)
-        if train_net.cli(["--config-file", config] + train_opts) != 0:
-            raise SystemExit(f"run_demo: training {model} failed (see the messages above)")
+        rc = train_net.cli(["--config-file", config] + train_opts)
+        if rc != 0:  # train_net printed its one line
+            raise SystemExit(rc)
     elif not os.path.isfile(final):
-        raise SystemExit(f"run_demo: --skip-train but {final} does not exist; train first "
-                         f"(python tools/run_demo.py --model {model})")
+        raise UserError(f"--skip-train but {final} does not exist; train first "
+                        f"(python tools/run_demo.py --model {model})")
     t_train = time.time() - t0
 
     print(f"{banner}evaluating {final} (--eval-only)", flush=True)
@@ -218,14 +222,21 @@ def run_model(model: str, args: argparse.Namespace, train_net, demo) -> Dict:
     if args.num_images:
         images = val_images(args.num_images)
         print(f"{banner}drawing {len(images)} val images -> {vis_dir}", flush=True)
-        demo.main(["--config-file", config, "--checkpoint", final, "--input", *images,
-                   "--output", vis_dir, "--sampling-points"])
+        rc = demo.main(["--config-file", config, "--checkpoint", final, "--input", *images,
+                        "--output", vis_dir, "--sampling-points"])
+        if rc != 0:  # demo printed its one line
+            raise SystemExit(rc)
         pictures = sorted(os.path.join(vis_dir, f) for f in os.listdir(vis_dir))
     return {"results": evaluated, "reproduced": reproduced, "train_s": t_train,
             "eval_s": t_eval, "output_dir": out, "vis_dir": vis_dir, "pictures": pictures}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The command line; returns the exit status."""
+    return run_tool(_main, argv, tool="run_demo")
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     models = MODELS if args.model == "both" else (args.model,)
     import torch

@@ -10,11 +10,18 @@ without CUDA starts N CPU processes that talk over gloo. Unlike detrex's script 
 asserts CUDA: a config asking for ``cuda`` on a CPU-only machine falls back to ``cpu`` with a
 warning.
 
-Before anything trains (and before worker processes start) it checks, failing with one
-message and exit status 2: the overrides (unknown key -> names the key), ``train.init_checkpoint``
-(missing/corrupt local file -> names the file) and every dataset named in ``dataloader`` (see
-``stageinteractor.d2.data.validate``; ``train.validate_data=False`` skips the dataset scan).
-Nothing a later ``--resume`` could mistake for progress is written by a failed start.
+Before anything is written (and before worker processes start) the command-line front
+(``stageinteractor.d2.cli``) checks, failing with ONE line ``train_net: error: ...`` and exit
+status 2: the config file, the overrides (unknown key -> "did you mean"), the decoder switch
+values (-> the key and the allowed values), ``train.init_checkpoint`` (missing / corrupt /
+truncated file, the authors' unconverted layout -> the converter command, a URL that cannot be
+downloaded -> which file to put where), on ``--resume`` the latest checkpoint (corrupt -> the
+newest intact one), the datasets the run reads (``--eval-only``: only the test split; see
+``stageinteractor.d2.data.validate``; ``train.validate_data=False`` skips the dataset scan) and
+the model's ``num_classes`` against the train datasets' categories. Nothing a later
+``--resume`` could mistake for progress is written by a failed start. On the CPU the log says
+how many torch threads the run uses (on a busy machine, fewer threads can be much faster:
+``OMP_NUM_THREADS=1``).
 
 Checkpoints are atomic (``stageinteractor.d2.engine.AtomicCheckpointer``). ``--resume``
 restores model, optimizer, LR scheduler, iteration, grad scaler, EMA and the seed; with our
@@ -52,7 +59,7 @@ def _add_detrex_root() -> None:
 _add_detrex_root()
 
 import torch  # noqa: E402
-from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.config import instantiate  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup, hooks, launch  # noqa: E402
 from detectron2.evaluation import inference_on_dataset, print_csv_format  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
@@ -62,19 +69,23 @@ from detectron2.utils.events import (  # noqa: E402
     JSONWriter,
     TensorboardXWriter,
 )
-from omegaconf import DictConfig, ListConfig  # noqa: E402
 
+from stageinteractor.d2.checkpoint_files import check_checkpoint, check_resume  # noqa: E402
+from stageinteractor.d2.cli import (  # noqa: E402
+    ConfigError,
+    cfg_get as _get,
+    check_num_classes,
+    load_config,
+    run_tool,
+    split_overrides,
+)
 from stageinteractor.d2.data.validate import (  # noqa: E402
-    DatasetValidationError,
+    dataset_names,
     validate_registered_dataset,
 )
 from stageinteractor.d2.engine import (  # noqa: E402
     AtomicCheckpointer,
-    CheckpointFileError,
-    ConfigError,
     Trainer,
-    apply_overrides_strict,
-    check_checkpoint_file,
     create_ddp_model,
     truncate_metrics,
 )
@@ -85,32 +96,10 @@ logger = logging.getLogger("stageinteractor.train_net")
 # ----------------------------------------------------------------------------------------------
 # config
 # ----------------------------------------------------------------------------------------------
-def _get(node, dotted: str, default=None):
-    for part in dotted.split("."):
-        if node is None or not hasattr(node, "get") or part not in node:
-            return default
-        node = node[part]
-    return node
-
-
-def _add_projects_root(config_file: str) -> None:
-    """A config under ``<root>/projects/...`` (detrex layout) imports ``projects.<name>``:
-    put ``<root>`` on sys.path."""
-    path = os.path.abspath(config_file)
-    marker = os.sep + "projects" + os.sep
-    if marker in path:
-        root = path[: path.index(marker)]
-        if root not in sys.path:
-            sys.path.append(root)
-
-
 def setup_cfg(args):
-    """Load the config, apply overrides strictly, resolve the device."""
-    if not args.config_file or not os.path.isfile(args.config_file):
-        raise ConfigError(f"config file {args.config_file!r} does not exist")
-    _add_projects_root(args.config_file)
-    cfg = LazyConfig.load(args.config_file)
-    cfg = apply_overrides_strict(cfg, args.opts)
+    """Load the config (strict overrides, switch check: stageinteractor.d2.cli), resolve the
+    device."""
+    cfg = load_config(args.config_file, args.opts)
     for key in ("model", "train"):
         if key not in cfg:
             raise ConfigError(f"config {args.config_file} has no top-level '{key}'")
@@ -127,42 +116,22 @@ def setup_cfg(args):
     return cfg
 
 
-def _dataset_names(cfg):
-    """All dataset names referenced by ``dataloader.*`` (``names`` / ``dataset_name`` keys)."""
-    found = []
-
-    def walk(node):
-        if isinstance(node, DictConfig):
-            for k in node.keys():
-                try:
-                    v = node[k]
-                except Exception:  # noqa: BLE001 - unresolvable interpolation
-                    continue
-                if k in ("names", "dataset_name", "dataset_names"):
-                    vals = [v] if isinstance(v, str) else list(v) if isinstance(
-                        v, (ListConfig, list, tuple)) else []
-                    found.extend(x for x in vals if isinstance(x, str))
-                else:
-                    walk(v)
-        elif isinstance(node, ListConfig):
-            for v in node:
-                walk(v)
-
-    walk(cfg.get("dataloader"))
-    return list(dict.fromkeys(found))
-
-
 def preflight(args, cfg) -> None:
-    """Checks that must pass before training starts (run once, before workers start)."""
+    """Checks that must pass before anything is written (run once, before workers start)."""
     ckpt = _get(cfg, "train.init_checkpoint", "")
     out = _get(cfg, "train.output_dir", "")
-    resuming = args.resume and out and os.path.isfile(os.path.join(out, "last_checkpoint"))
+    resuming = bool(args.resume and not args.eval_only and out and os.path.isdir(out)
+                    and check_resume(out))
     if ckpt and not resuming:
-        check_checkpoint_file(ckpt)
+        local = check_checkpoint(ckpt, config_file=args.config_file)
+        if local != ckpt:  # a URL, now in the download cache: workers load the file itself
+            args.opts = list(args.opts) + [f"train.init_checkpoint={local}"]
     if _get(cfg, "train.validate_data", True):
-        for name in _dataset_names(cfg):
+        for name in dataset_names(cfg, eval_only=args.eval_only):
             stats = validate_registered_dataset(name)
             print(f"[train_net] dataset '{name}' ok: {stats}", flush=True)
+    if not args.eval_only:
+        check_num_classes(cfg, dataset_names(cfg, train_only=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,6 +255,10 @@ def main(args):
     default_setup(cfg, args)
     setup_logger(_get(cfg, "train.output_dir", None), distributed_rank=comm.get_rank(),
                  name="stageinteractor", abbrev_name="si")
+    if str(cfg.train.device) == "cpu":
+        logger.info("torch threads: %d of %s CPU cores (on a busy machine fewer threads can be "
+                    "much faster: OMP_NUM_THREADS=1, see the README)", torch.get_num_threads(),
+                    os.cpu_count())
     if args.eval_only:
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
@@ -304,24 +277,23 @@ def main(args):
 
 def parse_args(argv=None):
     """detectron2's parser; flags may also follow the ``key=value`` overrides."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [t for t in argv if "=" in t and not t.startswith("-")]
-    flags = [t for t in argv if not ("=" in t and not t.startswith("-"))]
+    flags, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
     return default_argument_parser().parse_args(flags + overrides)
 
 
-def cli(argv=None) -> int:
+def _start(argv) -> int:
     args = parse_args(argv)
-    try:
-        cfg = setup_cfg(args)
-        preflight(args, cfg)
-    except (ConfigError, CheckpointFileError, DatasetValidationError) as e:
-        print(f"train_net: error: {e}", file=sys.stderr, flush=True)
-        return 2
+    cfg = setup_cfg(args)
+    preflight(args, cfg)
     del cfg
     launch(main, args.num_gpus, num_machines=args.num_machines,
            machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
     return 0
+
+
+def cli(argv=None) -> int:
+    """The command line: a user mistake ends in one line ``train_net: error: ...`` (status 2)."""
+    return run_tool(_start, argv, tool="train_net")
 
 
 if __name__ == "__main__":

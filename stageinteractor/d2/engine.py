@@ -11,15 +11,15 @@
   ``(seed, i, rank)``, so any randomness in the model is a function of the iteration and a
   resumed run reproduces an uninterrupted one.
 * :func:`create_ddp_model`: DistributedDataParallel that also works for CPU (gloo) processes.
-* :func:`apply_overrides_strict`: ``LazyConfig.apply_overrides`` that refuses unknown keys
-  (``+key=value`` adds a new key on purpose).
-* :func:`check_checkpoint_file`: fail early, naming the file, on a missing/corrupt checkpoint.
 * :func:`truncate_metrics`: drop ``metrics.json`` records at or after the resume iteration.
+
+The command-line checks (strict overrides, switch values, checkpoint files, ``--resume``) are
+the tools' front: :mod:`stageinteractor.d2.cli` and :mod:`stageinteractor.d2.checkpoint_files`;
+the user-error types are in :mod:`stageinteractor.errors`.
 """
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 import logging
 import os
@@ -29,29 +29,20 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import SimpleTrainer
 from detectron2.utils import comm
 
+from stageinteractor.errors import CheckpointFileError
+
 from .checkpoint import ImageNetInitMixin
 from .deferred_scalars import deferring, take_pending, write_scalars
 
-__all__ = ["ConfigError", "CheckpointFileError", "AtomicCheckpointer", "Trainer",
-           "make_grad_scaler", "create_ddp_model", "apply_overrides_strict", "check_checkpoint_file",
+__all__ = ["AtomicCheckpointer", "Trainer", "make_grad_scaler", "create_ddp_model",
            "truncate_metrics", "atomic_write_bytes", "swin_optimizer_params",
-           "SWIN_NO_DECAY_KEYS"]
+           "authors_parameter_names", "SWIN_NO_DECAY_KEYS"]
 
 logger = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A config or command-line override is invalid."""
-
-
-class CheckpointFileError(RuntimeError):
-    """A checkpoint file is missing, unreadable or corrupt."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,29 +111,6 @@ class AtomicCheckpointer(ImageNetInitMixin, DetectionCheckpointer):
         except Exception as e:  # noqa: BLE001 - re-raised with the file name
             raise CheckpointFileError(
                 f"cannot load checkpoint {f}: {type(e).__name__}: {e}") from e
-
-
-def check_checkpoint_file(path: str) -> None:
-    """Raise :class:`CheckpointFileError` naming ``path`` if it is a local file that is missing
-    or cannot be deserialised. URLs (``detectron2://``, ``https://``...) are not checked."""
-    if not path or "://" in path:
-        return
-    if not os.path.isfile(path):
-        raise CheckpointFileError(f"checkpoint file {path} does not exist")
-    if os.path.getsize(path) == 0:
-        raise CheckpointFileError(f"checkpoint file {path} is empty")
-    try:
-        if path.endswith(".pkl"):
-            import pickle
-
-            with open(path, "rb") as f:
-                pickle.load(f, encoding="latin1")
-        else:
-            torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointFileError(
-            f"checkpoint file {path} is corrupt or not a checkpoint: {type(e).__name__}: {e}"
-        ) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,81 +301,47 @@ def create_ddp_model(model: torch.nn.Module, *, fp16_compression: bool = False, 
 # optimiser parameters
 # ----------------------------------------------------------------------------------------------
 # Swin-S (spec §6): mmcv ``paramwise_cfg`` custom_keys, matched by substring of the full name
+# of the parameter *in the authors' model* (see authors_parameter_names)
 SWIN_NO_DECAY_KEYS = ("absolute_pos_embed", "relative_position_bias_table", "norm")
+
+
+def authors_parameter_names(model: torch.nn.Module) -> Dict[str, str]:
+    """Our parameter name -> its name in the authors' model, for the decoder parameters that
+    the authors name differently (``decoder.stages.{s}.cls_norm.weight`` ->
+    ``roi_head.bbox_head.{s}.cls_fcs.1.weight``; a fused generator of ours -> its official
+    parts joined by ``+``). Backbone and neck names are not in the dict: ours carry the same
+    ``norm`` / ``relative_position_bias_table`` substrings as the authors' (the checkpoint
+    converter's renames only touch other parts of those names)."""
+    from stageinteractor.core.official_layout import DecoderHParams, FusedMap, decoder_key_maps
+
+    decoder = getattr(model, "decoder", None)
+    stages = getattr(decoder, "stages", None)
+    if stages is None:
+        return {}
+    out = {}
+    for m in decoder_key_maps(DecoderHParams(num_stages=len(stages))):
+        if m.ours is not None:
+            out["decoder." + m.ours] = "+".join(m.officials) if isinstance(m, FusedMap) else m.official
+    return out
 
 
 def swin_optimizer_params(model: torch.nn.Module, base_lr: float, weight_decay: float,
                           keys: Sequence[str] = SWIN_NO_DECAY_KEYS) -> List[Dict[str, Any]]:
-    """Two param groups: weight decay 0 for parameters whose *full* name contains one of
-    ``keys``, ``weight_decay`` for the rest. Frozen parameters are skipped."""
+    """Two param groups: weight decay 0 for parameters whose full name in the authors' model
+    (:func:`authors_parameter_names`, else our name) contains one of ``keys``, as mmcv's
+    ``custom_keys`` decide it; ``weight_decay`` for the rest. Frozen parameters are skipped.
+
+    So the decoder LayerNorms ``attention_norm``, ``ffn_norm`` and ``mixing.out_norm``
+    (``Wv_layer_norm``) get no decay, while ``cls_norm`` / ``reg_norm`` (the authors'
+    ``cls_fcs.1`` / ``reg_fcs.1``) are decayed, as in the authors' Swin-S run."""
+    theirs = authors_parameter_names(model)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if any(k in name for k in keys) else decay).append(p)
+            official = theirs.get(name, name)
+            (no_decay if any(k in official for k in keys) else decay).append(p)
     return [{"params": decay, "lr": base_lr, "weight_decay": weight_decay},
             {"params": no_decay, "lr": base_lr, "weight_decay": 0.0}]
-
-
-# ----------------------------------------------------------------------------------------------
-# config
-# ----------------------------------------------------------------------------------------------
-def _all_keys(node, prefix: str = "") -> List[str]:
-    out = []
-    if isinstance(node, DictConfig):
-        for k in node.keys():
-            key = f"{prefix}{k}"
-            out.append(key)
-            try:
-                child = node._get_node(k)
-                child = node[k] if isinstance(child, (DictConfig, ListConfig)) else None
-            except Exception:  # noqa: BLE001 - unresolved interpolation etc.
-                child = None
-            if child is not None:
-                out.extend(_all_keys(child, key + "."))
-    return out
-
-
-_MISSING = object()
-
-
-def _key_exists(cfg, key: str) -> bool:
-    """Whether the dotted ``key`` (list indices allowed) exists; interpolations are followed."""
-    try:
-        return OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False) \
-            is not _MISSING
-    except Exception:  # noqa: BLE001 - e.g. indexing into a non-container value
-        return False
-
-
-def apply_overrides_strict(cfg, overrides: Sequence[str]):
-    """Apply ``key=value`` overrides; an unknown key raises :class:`ConfigError` naming it.
-
-    ``+key=value`` creates a new key deliberately (its parent must exist).
-    """
-    from detectron2.config import LazyConfig
-
-    plain = []
-    for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"override {ov!r} is not of the form key=value")
-        key = ov.split("=", 1)[0].strip()
-        if key.startswith("+"):
-            parent = key[1:].rsplit(".", 1)[0] if "." in key else ""
-            if parent and not _key_exists(cfg, parent):
-                raise ConfigError(f"unknown config key '{parent}' (parent of override "
-                                  f"'{key[1:]}')")
-            plain.append(ov[1:] if ov.startswith("+") else ov.replace("+", "", 1))
-            continue
-        if not _key_exists(cfg, key):
-            close = difflib.get_close_matches(key, _all_keys(cfg), n=2, cutoff=0.8)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ConfigError(f"unknown config key '{key}' in override '{ov}'{hint} "
-                              f"(prefix the override with '+' to add a new key)")
-        plain.append(ov)
-    try:
-        return LazyConfig.apply_overrides(cfg, plain)
-    except Exception as e:  # noqa: BLE001 - parser errors
-        raise ConfigError(f"cannot apply overrides {list(overrides)}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------

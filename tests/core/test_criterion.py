@@ -200,7 +200,7 @@ def test_normalisers_averaged_across_processes(monkeypatch):
 
 
 def _fixture_path():
-    from stageinteractor.core.testing.official_fixture import find_parity_fixture
+    from stageinteractor.official.fixture import find_parity_fixture
 
     found = find_parity_fixture()
     return (found / "expected.pt") if found is not None else Path("/nonexistent/expected.pt")

@@ -107,12 +107,54 @@ def test_total_sites_and_budget():
     assert len(over) == 1 and over[0].startswith("scalar: 1 > 0")
 
 
+def _mode_stacks():
+    from torch.overrides import _get_current_function_mode_stack
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return list(_get_current_dispatch_mode_stack()), list(_get_current_function_mode_stack())
+
+
+def _pop_leaked(before):
+    """Undo a leak (so that one failing test does not count syncs in every later test)."""
+    from torch.overrides import _pop_mode as pop_function_mode
+    from torch.utils._python_dispatch import _pop_mode as pop_dispatch_mode
+
+    while len(_mode_stacks()[0]) > len(before[0]):
+        pop_dispatch_mode()
+    while len(_mode_stacks()[1]) > len(before[1]):
+        pop_function_mode()
+
+
 def test_counter_restores_from_numpy_and_modes():
     orig = torch.from_numpy
-    with HostSyncCounter("cpu"):
-        pass
-    assert torch.from_numpy is orig
-    # no mode left behind: a later op is not counted by anyone
-    counter = HostSyncCounter("cpu")
-    X.sum().item()
-    assert counter.total == 0
+    before = _mode_stacks()
+    try:
+        counter = HostSyncCounter("cpu")
+        with counter:
+            X.sum().item()  # counted: the counter was entered and used
+            torch.from_numpy(np.zeros(1))
+        assert counter.summary()["scalar"] == 1 and counter.total == 1
+        assert torch.from_numpy is orig
+        # no mode left behind, checked on the counter that was used: later syncs (a scalar read
+        # through the dispatch mode, a copy and a host->device copy through the function mode)
+        # are counted by nobody
+        X.sum().item()
+        X.tolist()
+        torch.zeros(2).to(X.device)
+        assert counter.total == 1 and counter.summary()["to_gpu_async"] == 0, counter.summary()
+        assert dict(counter.counts) == {"scalar": 1}, dict(counter.counts)
+        assert _mode_stacks() == before
+        # a second use of the same counter adds to its counts, and leaves nothing behind either
+        with counter:
+            X.tolist()
+        X.sum().item()
+        assert dict(counter.counts) == {"scalar": 1, "to_cpu": 1}
+        assert _mode_stacks() == before
+        # leaving through an exception pops the modes too
+        with pytest.raises(RuntimeError, match="boom"):
+            with counter:
+                raise RuntimeError("boom")
+        assert _mode_stacks() == before and torch.from_numpy is orig
+    finally:
+        _pop_leaked(before)
+        torch.from_numpy = orig

@@ -187,3 +187,36 @@ def test_class_out_of_range_is_an_error():
     HungarianMatcher()(
         *args, torch.tensor([[0, 7]]), torch.tensor([[True, False]]), torch.tensor([[100, 100]])
     )
+
+
+def test_cost_of_a_second_image_of_another_size_by_hand():
+    """Each image's L1 cost is normalised by its own (W, H): image 1 (h, w) = (40, 200) next to
+    image 0 (h, w) = (50, 100); both costs hand-computed (an image-0 scale for every image, or
+    (H, W) swapped, changes image 1's cost)."""
+    logits = torch.zeros(2, 1, 3)
+    logits[0, 0, 2] = math.log(0.3 / 0.7)  # p = 0.3 for class 2
+    logits[1, 0, 0] = math.log(0.8 / 0.2)  # p = 0.8 for class 0
+    boxes = torch.tensor([[[0.0, 0.0, 20.0, 10.0]], [[20.0, 4.0, 60.0, 24.0]]])
+    gt = torch.tensor([[[10.0, 0.0, 30.0, 10.0]], [[40.0, 4.0, 80.0, 24.0]]])
+    cost = HungarianMatcher().cost_matrix(
+        logits, boxes, gt, torch.tensor([[2], [0]]), torch.tensor([[50, 100], [40, 200]])
+    )
+
+    def focal(p):
+        return 0.25 * (1 - p) ** 2 * -math.log(p + 1e-12) - 0.75 * p**2 * -math.log(1 - p + 1e-12)
+
+    # image 0 as in test_cost_values_by_hand: L1 0.2, GIoU 1/3
+    want0 = 2.0 * focal(0.3) + 5.0 * 0.2 + 2.0 * -(1.0 / 3.0)
+    # image 1: (W, H, W, H) = (200, 40, 200, 40): |20-40|/200 + 0 + |60-80|/200 + 0 = 0.2;
+    # inter 20x20 = 400, union 800 + 800 - 400 = 1200, enclosing 60x20 = 1200 -> GIoU = 1/3
+    want1 = 2.0 * focal(0.8) + 5.0 * 0.2 + 2.0 * -(1.0 / 3.0)
+    assert cost.shape == (2, 1, 1)
+    assert cost[0, 0, 0].item() == pytest.approx(want0, rel=1e-5)
+    assert cost[1, 0, 0].item() == pytest.approx(want1, rel=1e-5)
+    # a y offset in image 1 weighs 1/H = 1/40 per pixel: shift the prediction down by 4 px
+    moved = boxes.clone()
+    moved[1, 0, 1::2] += 4.0
+    cost2 = HungarianMatcher(cost_class=0.0, cost_giou=0.0).cost_matrix(
+        logits, moved, gt, torch.tensor([[2], [0]]), torch.tensor([[50, 100], [40, 200]])
+    )
+    assert cost2[1, 0, 0].item() == pytest.approx(5.0 * (0.2 + 2 * 4.0 / 40.0), rel=1e-5)

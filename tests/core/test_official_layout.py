@@ -5,7 +5,7 @@ import zlib
 
 import torch
 
-from stageinteractor.core.official_layout import (
+from stageinteractor.official.layout import (
     DecoderHParams,
     FusedMap,
     decoder_key_maps,
@@ -13,7 +13,7 @@ from stageinteractor.core.official_layout import (
     decoder_ours_to_official,
     official_decoder_layout,
 )
-from stageinteractor.core.testing.official_fixture import (
+from stageinteractor.official.fixture import (
     FixtureRules,
     formula_base,
     official_decoder_state_dict,

@@ -1,8 +1,8 @@
 """Numerical parity with the authors' StageInteractor code (issue 8).
 
 Fixture: ``tests/fixtures/official_decoder_parity`` (README there). Its weights and input
-feature maps are a formula of the official key names; :mod:`stageinteractor.core.testing.
-official_fixture` regenerates them, :mod:`stageinteractor.core.official_layout` converts the
+feature maps are a formula of the official key names; :mod:`stageinteractor.official.fixture`
+regenerates them, :mod:`stageinteractor.official.layout` converts the
 authors' decoder state dict to ours, and the outputs of our decoder and criterion are compared
 with the numbers recorded from the official code.
 
@@ -28,7 +28,7 @@ from stageinteractor.core import (
     StageInteractorDecoder,
     topk_detections,
 )
-from stageinteractor.core.official_layout import (
+from stageinteractor.official.layout import (
     DecoderHParams,
     FusedMap,
     decoder_key_maps,
@@ -36,7 +36,7 @@ from stageinteractor.core.official_layout import (
     decoder_ours_to_official,
     official_decoder_layout,
 )
-from stageinteractor.core.testing.official_fixture import find_parity_fixture, load_fixture
+from stageinteractor.official.fixture import find_parity_fixture, load_fixture
 
 FIXTURE_DIR = find_parity_fixture()
 pytestmark = pytest.mark.skipif(FIXTURE_DIR is None, reason="official parity fixture not found")

@@ -238,7 +238,7 @@ def test_setup_run_with_everything_installed_changes_nothing(tmp_path):
 
 def test_parity_fixture_is_found_in_the_repository(monkeypatch):
     """A plain clone (no shared/ beside it) finds the official parity fixture in tests/fixtures."""
-    from stageinteractor.core.testing.official_fixture import find_parity_fixture, load_fixture
+    from stageinteractor.official.fixture import find_parity_fixture, load_fixture
 
     monkeypatch.delenv("STAGEINTERACTOR_PARITY_FIXTURE", raising=False)
     found = find_parity_fixture()

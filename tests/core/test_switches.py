@@ -150,13 +150,11 @@ def ref_outputs():
 @pytest.mark.parametrize(
     "kw",
     [
+        # same parameter set as the reference: the same perturbation, only the forward differs.
+        # (filter_usage, static_mixing and reuse_start change the parameter set: they are checked
+        # at the place they act and on one shared state dict below.)
         dict(pe_residual="query"),
         dict(refine_mode="2z"),
-        dict(filter_usage="none"),
-        dict(filter_usage="previous"),
-        dict(filter_usage="current"),
-        dict(static_mixing="none"),
-        dict(reuse_start=3),
     ],
 )
 def test_behaviour_switches_change_outputs(kw, ref_outputs):
@@ -211,3 +209,263 @@ def test_group_init_changes_only_init():
     # group init: 8 sub-points of each block share the block centre offset at j = 0 pattern
     sub = bb[..., :2].view(4, 4, 8, 2) - bb[..., :2].view(4, 4, 8, 2)[:, :, :1]
     assert torch.allclose(sub[:, 0], sub[:, 1]) and not torch.allclose(ba, bb)
+
+
+# ---------------------------------------------------------------------------------------------
+# Value oracles: each filter_usage / static_mixing variant at the place it acts (issue 24)
+# ---------------------------------------------------------------------------------------------
+from stageinteractor.core.dynamic_mixing import CascadeDynamicMixing  # noqa: E402
+from stageinteractor.core.filter_bank import FilterBank  # noqa: E402
+
+
+def _ln(y):
+    """Non-affine LayerNorm over a whole (rows, C) matrix, written out."""
+    mean = y.mean()
+    var = ((y - mean) ** 2).mean()
+    return (y - mean) / torch.sqrt(var + 1e-5)
+
+
+def _static_by_hand(mod, x, residual):
+    """``residual + static(x)`` for one (P, C) matrix, from the static_mixing docstring."""
+    K, S, C = mod.num_blocks, mod.num_sub, mod.channels
+    out = residual.clone()
+    if mod.kind == "channel":
+        for p in range(K * S):
+            out[p] += mod.channel.weight @ x[p] + mod.channel.bias
+    elif mod.kind == "spatial":
+        for c in range(C):
+            out[:, c] += mod.spatial.weight @ x[:, c] + mod.spatial.bias
+    else:
+        for k in range(K):  # intra: the S sub-points x C channels of block k (row-major (s, c))
+            out[k * S:(k + 1) * S] += (mod.intra.weight @ x[k * S:(k + 1) * S].reshape(-1) + mod.intra.bias).view(S, C)
+        for j in range(S):  # inter: sub-point j of every block, (k, c) row-major
+            rows = [k * S + j for k in range(K)]
+            out[rows] += (mod.inter.weight @ x[rows].reshape(-1) + mod.inter.bias).view(K, C)
+    return out
+
+
+def _mixing_by_hand(mod, q, gen, sampled, bank):
+    """CascadeDynamicMixing.forward, one (query, group) problem at a time, from Eq. 2-3 and the
+    module docstring (gates per group as (c, slot, m): slot 0 = output gate c_m, slot 1 = input
+    gate a_m; betas (m, c))."""
+    G, C, P, n = mod.num_groups, mod.channels, mod.in_points, mod.num_reused_channel
+    BN = q.shape[0]
+    ys = []
+    for i in range(BN * G):
+        i0 = sampled[i]
+        m_cur = gen["M"][i].view(C, C)
+        x = torch.relu(_ln(i0 @ m_cur + gen["b_M"][i]))
+        r = i0
+        for m in range(n):
+            z = x if mod.static is None else _static_by_hand(mod.static[m], x, r)
+            r = z
+            beta = gen["beta"][i].view(n, C)[m]
+            if mod.filter_usage == "none":
+                x = torch.relu(_ln(z + beta))
+                continue
+            if mod.filter_usage == "previous":
+                mg = bank.filters[m][i]
+            elif mod.filter_usage == "current":
+                mg = m_cur
+            else:
+                gates = gen["gates"][i].view(C, 2, n)
+                w = torch.outer(gates[:, 1, m], gates[:, 0, m])  # a c^T, (C_in, C_out)
+                mg = w * bank.filters[m][i] + (1 - w) * m_cur
+            x = torch.relu(_ln(z @ mg + beta))
+        s_cur = gen["S"][i].view(mod.cur_rows, P)
+        if mod.num_reused_spatial:
+            uv = torch.outer(gen["u"][i], gen["v"][i])
+            s_prev = bank.spatial[i][: mod.reused_rows]
+            s_full = torch.cat([s_cur, uv * s_prev + (1 - uv) * s_cur.repeat(mod.num_reused_spatial, 1)])
+        else:
+            s_full = s_cur
+        ys.append(torch.relu(_ln(s_full @ x + gen["b_S"][i][:, None])))
+    flat = torch.stack(ys).view(BN, G * mod.out_points * C)  # (g, out point, channel)
+    return mod.out_norm(q + mod.out_proj(flat))
+
+
+def _mixing_case(filter_usage, static_mixing, num_reused_spatial=1, seed=0):
+    torch.manual_seed(seed)
+    G, C, P, n, P_out = 2, 4, 8, 2, 8
+    mod = CascadeDynamicMixing(
+        query_dim=G * C, num_groups=G, channels=C, in_points=P, out_points=P_out, num_blocks=2,
+        num_reused_channel=n, num_reused_spatial=num_reused_spatial, filter_usage=filter_usage,
+        static_mixing=static_mixing,
+    ).double()
+    with torch.no_grad():
+        for p in mod.parameters():  # static layers and out_proj start at 0: make every path act
+            p.copy_(torch.randn(p.shape, dtype=p.dtype) * 0.3)
+    BN = 3
+    Mb = BN * G
+    gen = {}
+    for name, rows in mod.generator_blocks():
+        t = torch.randn(Mb, rows, dtype=torch.float64)
+        gen[name] = torch.sigmoid(t) if name in mod.sigmoid_blocks() else t
+    bank = FilterBank(filters=tuple(torch.randn(Mb, C, C, dtype=torch.float64) for _ in range(n)),
+                      spatial=torch.randn(Mb, P_out, P, dtype=torch.float64))
+    q = torch.randn(BN, G * C, dtype=torch.float64)
+    sampled = torch.randn(Mb, P, C, dtype=torch.float64)
+    return mod, q, gen, sampled, bank
+
+
+@pytest.mark.parametrize("static_mixing", ["none", "channel", "spatial", "channel_spatial"])
+@pytest.mark.parametrize("filter_usage", ["none", "previous", "current", "adapter"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_mixing_uses_the_bank_as_each_switch_claims(filter_usage, static_mixing, grad):
+    """Each filter_usage / static_mixing variant against a by-hand cascade that reads the bank's
+    filters (Tab. 11: none / previous M_j / current M_cur / Eq. 3 adapter) and uses static layer
+    m at reuse step m (Tab. 16); also with grad enabled (the training path of the adapter)."""
+    mod, q, gen, sampled, bank = _mixing_case(filter_usage, static_mixing)
+    with torch.set_grad_enabled(grad):
+        got = mod(q, gen, sampled, bank)[0]
+    with torch.no_grad():
+        want = _mixing_by_hand(mod, q, gen, sampled, bank)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-9, atol=1e-9)
+
+
+def test_mixing_without_spatial_reuse_ignores_the_bank_spatial_filter():
+    mod, q, gen, sampled, bank = _mixing_case("adapter", "channel_spatial", num_reused_spatial=0)
+    with torch.no_grad():
+        got = mod(q, gen, sampled, bank)[0]
+        other = mod(q, gen, sampled, FilterBank(filters=bank.filters, spatial=bank.spatial * 3))[0]
+        want = _mixing_by_hand(mod, q, gen, sampled, bank)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert torch.equal(got, other)
+
+
+def _record_banks(d):
+    """Forward hooks: the bank each stage receives and the filters each stage leaves."""
+    seen = {"bank": [], "m_cur": [], "s_full": []}
+
+    def pre(mod, args):
+        seen["bank"].append(args[5])
+
+    def post(mod, args, out):
+        seen["m_cur"].append(out["m_cur"])
+        seen["s_full"].append(out["s_full"])
+
+    handles = [h for st in d.stages for h in (st.register_forward_pre_hook(pre), st.register_forward_hook(post))]
+    return seen, handles
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),  # released: reuse_start=2, max 4 channel filters, 1 spatial
+        dict(reuse_start=3),
+        dict(reuse_start=4, max_reused_channel_filters=1),
+        dict(max_reused_channel_filters=2),
+        dict(num_reused_spatial_filters=0, max_reused_channel_filters=3),
+    ],
+)
+def test_each_stage_mixes_with_the_filters_of_the_stages_the_switches_name(kw):
+    """reuse_start / max reused filters at the place they act: stage s receives the channel
+    filters generated by stages max(reuse_start-1, s-max)..s-1 (oldest first) and, from
+    reuse_start on, the previous stage's spatial filter; earlier stages receive nothing."""
+    d = small(num_stages=6, **kw)
+    rs = d.switches.reuse_start
+    max_c = d.switches.max_reused_channel_filters
+    n_s = d.switches.num_reused_spatial_filters
+    seen, handles = _record_banks(d)
+    try:
+        with torch.no_grad():
+            d(_feats(), torch.tensor([[60, 50]]))
+    finally:
+        for h in handles:
+            h.remove()
+    for s, bank in enumerate(seen["bank"]):
+        want = list(range(max(rs - 1, s - max_c), s)) if s >= rs else []
+        assert len(bank.filters) == len(want) == d.stages[s].mixing.num_reused_channel, (s, want)
+        for f, t in zip(bank.filters, want):
+            assert torch.equal(f, seen["m_cur"][t]), (s, t)
+        if s >= rs and n_s:
+            rows = d.stages[s].mixing.reused_rows
+            assert torch.equal(bank.spatial[:, :rows], seen["s_full"][s - 1][:, :rows]), s
+        if s < rs:
+            assert bank.spatial is None, s
+
+
+def _perturbed_state(d, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + torch.randn(v.shape, generator=g) * 0.05 if v.is_floating_point() else v
+            for k, v in d.state_dict().items()}
+
+
+def _with_gates(d_adapter, shared, gate_bias):
+    """The adapter decoder's state dict built from ``shared`` (a gate-less decoder's): every
+    generator block copied by name, the gate rows with weight 0 and bias ``gate_bias``."""
+    sd = {k: v.clone() for k, v in shared.items() if not k.endswith(("generator.weight", "generator.bias"))}
+    for s, st in enumerate(d_adapter.stages):
+        G = st.num_groups
+        w_src = shared[f"stages.{s}.generator.weight"].reshape(G, -1, st.generator.weight.shape[1])
+        b_src = shared[f"stages.{s}.generator.bias"].view(G, -1)
+        src_layout = [b for b in st.generator_layout if b[0] != "gates"]
+        starts, o = {}, 0
+        for name, rows in src_layout:
+            starts[name] = o
+            o += rows
+        ws, bs = [], []
+        for name, rows in st.generator_layout:
+            if name == "gates":
+                ws.append(torch.zeros(G, rows, w_src.shape[2]))
+                bs.append(torch.full((G, rows), float(gate_bias)))
+            else:
+                ws.append(w_src[:, starts[name]:starts[name] + rows])
+                bs.append(b_src[:, starts[name]:starts[name] + rows])
+        sd[f"stages.{s}.generator.weight"] = torch.cat(ws, 1).reshape(-1, w_src.shape[2])
+        sd[f"stages.{s}.generator.bias"] = torch.cat(bs, 1).reshape(-1)
+    return sd
+
+
+def _run(d, sd):
+    d.load_state_dict(sd, strict=True)
+    with torch.no_grad():
+        return d(_feats(), torch.tensor([[60, 50]]))
+
+
+def test_filter_usage_variants_on_one_shared_state_dict():
+    """none / previous / current have the same parameters: one shared state dict drives all
+    three (so only the forward pass can make them differ), and the adapter with every gate
+    saturated at 1 (Eq. 3: M_j) equals "previous", at 0 (M_cur) equals "current"."""
+    decs = {u: small(num_stages=5, filter_usage=u) for u in ("none", "previous", "current", "adapter")}
+    shared = _perturbed_state(decs["previous"])
+    assert all(set(decs[u].state_dict()) == set(shared) for u in ("none", "current"))
+    out = {u: _run(decs[u], shared) for u in ("none", "previous", "current")}
+    out["adapter_1"] = _run(decs["adapter"], _with_gates(decs["adapter"], shared, 30.0))
+    out["adapter_0"] = _run(decs["adapter"], _with_gates(decs["adapter"], shared, -30.0))
+    for s in range(5):
+        for a, b in (("adapter_1", "previous"), ("adapter_0", "current")):
+            torch.testing.assert_close(out[a][s]["logits"], out[b][s]["logits"], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(out[a][s]["boxes"], out[b][s]["boxes"], rtol=1e-5, atol=1e-4)
+    for s in range(2):  # before reuse_start nothing is reused: identical
+        for u in ("none", "current"):
+            assert torch.equal(out[u][s]["logits"], out["previous"][s]["logits"]), (u, s)
+    for a, b in (("none", "previous"), ("previous", "current"), ("none", "current")):
+        assert not torch.allclose(out[a][2]["logits"], out[b][2]["logits"], atol=1e-4), (a, b)
+
+
+def test_static_mixing_and_reuse_start_variants_on_one_shared_state_dict():
+    """static_mixing="none" vs "channel_spatial" with the static layers at 0: the same
+    parameters otherwise, loaded from one state dict; the cascade step Z = X (none) and
+    Z = R + 0 (static) differ from the first reusing stage on and agree before it. The same for
+    reuse_start 2 vs 3 on the shared stages 0-1."""
+    none, cs = small(num_stages=4, static_mixing="none"), small(num_stages=4)
+    shared = _perturbed_state(none)
+    full = dict(cs.state_dict())
+    full.update(shared)
+    assert set(full) - set(shared) and all(".static." in k for k in set(full) - set(shared))
+    a, b = _run(none, shared), _run(cs, full)
+    for s in range(2):
+        assert torch.equal(a[s]["logits"], b[s]["logits"]), s
+    assert not torch.allclose(a[2]["logits"], b[2]["logits"], atol=1e-4)
+
+    rs2, rs3 = small(num_stages=4), small(num_stages=4, reuse_start=3)
+    sd2 = _perturbed_state(rs2)
+    sd3 = dict(rs3.state_dict())
+    common = [k for k in sd3 if k in sd2 and sd2[k].shape == sd3[k].shape]
+    sd3.update({k: sd2[k] for k in common})
+    assert all(k in common for k in sd3 if k.startswith(("stages.0.", "stages.1.", "query_generator.")))
+    a, b = _run(rs2, sd2), _run(rs3, sd3)
+    for s in range(2):
+        assert torch.equal(a[s]["logits"], b[s]["logits"]), s
+    assert not torch.allclose(a[2]["logits"], b[2]["logits"], atol=1e-4)

@@ -2,7 +2,9 @@
 
 No timings are checked: the tool runs end to end on the demo config with tiny sizes and writes
 JSON with the required keys; the FLOPs of the R50-100q decoder's matrix products equal a count
-by hand from the architecture; helpers (spread, stress workers) behave.
+by hand from the architecture; the parts of ``stageinteractor.benchmark`` that need detectron2
+(models, memory worker, training's AMP) behave. The parts that need no detectron2 are checked in
+tests/core/test_benchmark_parts.py.
 """
 
 import importlib.util
@@ -16,6 +18,7 @@ from torch import nn
 from detectron2.config import LazyConfig, instantiate
 
 from stageinteractor.d2.flops import flop_analysis, matrix_product_flops
+from stageinteractor.official.reference_client import OfficialReference
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = str(REPO / "configs/demo/stageinteractor_demo.py")
@@ -139,26 +142,6 @@ def test_decoder_only_and_stress(bench, tmp_path):
     assert data["a"]["inference_images_per_s"] is None  # whole model not timed with --decoder-only
     parts = data["stress"]["models"]["a"]
     assert set(parts) == {"decoder", "backbone"} and all(p["slowdown"] > 0 for p in parts.values())
-
-
-def test_stressor_stops_its_workers(bench):
-    with bench.Stressor(2, limit_s=30) as s:
-        procs = list(s.procs)
-        assert all(p.poll() is None for p in procs)
-    assert all(p.poll() is not None for p in procs)
-
-
-def test_spread(bench):
-    s = bench.spread([4.0, 1.0, 3.0, 2.0, 5.0])
-    assert (s["median"], s["q1"], s["q3"], s["iqr"], s["min"], s["max"], s["n"]) == (
-        3.0,
-        2.0,
-        4.0,
-        2.0,
-        1.0,
-        5.0,
-        5,
-    )
 
 
 def _r50_100q_decoder_matrix_product_flops_by_hand() -> int:
@@ -342,29 +325,20 @@ def test_official_reference_skipped_with_reason(bench, tmp_path, monkeypatch, ca
     assert "authors' reference: skipped" in capsys.readouterr().out
 
 
-def test_official_worker_failure_is_reported(bench, tmp_path):
-    bad = tmp_path / "bad.py"
-    bad.write_text("import sys; sys.stderr.write('no mmdet here'); sys.exit(3)\n")
-    import sys
+def test_perturb_decoder_changes_only_the_decoder():
+    from stageinteractor.benchmark.models import perturb_decoder
 
-    ref = bench.OfficialReference(sys.executable, str(tmp_path), 1, (64, 96), worker=str(bad))
-    with pytest.raises(RuntimeError, match="no mmdet here"):
-        ref.ready()
-    ref.close()
-
-
-def test_perturb_decoder_changes_only_the_decoder(bench):
     cfg = LazyConfig.load(DEMO)
     torch.manual_seed(0)
     model = instantiate(cfg.model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    bench.perturb_decoder(model, 0.02)
+    perturb_decoder(model, 0.02)
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("decoder.") for k in changed)
 
 
-def test_official_worker_gets_the_allocator_environment(bench, tmp_path):
+def test_official_worker_gets_the_allocator_environment(tmp_path):
     """--malloc retain applies to both sides: the worker is started with glibc's variables."""
     from stageinteractor.cpu_allocator import GLIBC_ENV
 
@@ -377,7 +351,8 @@ def test_official_worker_gets_the_allocator_environment(bench, tmp_path):
     import sys
 
     for env, expected in ((dict(GLIBC_ENV), GLIBC_ENV["MALLOC_MMAP_THRESHOLD_"]), (None, None)):
-        ref = bench.OfficialReference(sys.executable, str(tmp_path), 1, (64, 96), worker=str(worker), env=env)
+        ref = OfficialReference(sys.executable, str(tmp_path), 1, (64, 96), worker=str(worker),
+                                env=env)
         try:
             assert ref.ready()["env"] == expected
         finally:
@@ -385,21 +360,24 @@ def test_official_worker_gets_the_allocator_environment(bench, tmp_path):
             ref.proc.wait()
 
 
-def test_load_monitor_counts_a_live_helper_as_own(bench):
+def test_load_monitor_counts_a_live_helper_as_own():
     """A running child's CPU time is not in os.times() until it is waited for: without its pid the
     monitor would report the authors' worker as 'other processes'."""
     import subprocess
     import sys
     import time
 
-    child = subprocess.Popen([sys.executable, "-c", bench._BUSY_LOOP, "30"])
+    from stageinteractor.benchmark.load import LoadMonitor, pid_cpu
+    from stageinteractor.benchmark.stress import BUSY_LOOP
+
+    child = subprocess.Popen([sys.executable, "-c", BUSY_LOOP, "30"])
     try:
         time.sleep(0.3)
-        with_pid, without = bench.LoadMonitor(live_pids=(child.pid,)), bench.LoadMonitor()
-        c0 = bench._pid_cpu(child.pid)
+        with_pid, without = LoadMonitor(live_pids=(child.pid,)), LoadMonitor()
+        c0 = pid_cpu(child.pid)
         time.sleep(1.5)
         r_with, r_without = with_pid.result(), without.result()
-        c1 = bench._pid_cpu(child.pid)
+        c1 = pid_cpu(child.pid)
     finally:
         child.kill()
         child.wait()
@@ -407,3 +385,145 @@ def test_load_monitor_counts_a_live_helper_as_own(bench):
     diff = r_without["other_processes_cpu_share"] - r_with["other_processes_cpu_share"]
     expected = (c1 - c0) / (r_with["wall_s"] * r_with["cpus"])
     assert diff == pytest.approx(expected, abs=0.08)
+
+
+# ------------------------------------------------------------------ issue 21 item 5, issue 22
+@pytest.mark.filterwarnings("ignore:.*CUDA is not available")
+def test_amp_autocast_is_the_trainers():
+    """--amp times what training runs: the Trainer's autocast dtype on each device, and on CUDA
+    its GradScaler (independent answer: stageinteractor.d2.engine.Trainer itself)."""
+    from stageinteractor.benchmark.steps import TrainStep, autocast
+    from stageinteractor.d2.engine import Trainer
+
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    for device in ("cuda", "cpu"):
+        trainer = Trainer(model, [None], opt, device=device, amp=True)
+        assert autocast(device, True).fast_dtype == trainer._autocast().fast_dtype
+        step = TrainStep(model, None, device, amp=True)
+        assert (step.scaler is None) == (trainer.grad_scaler is None)
+        assert type(step.scaler) is type(trainer.grad_scaler)
+
+
+def test_missing_official_python_is_a_one_line_error(tmp_path):
+    """Issue 22: a --official-python naming a missing file ended in 'skipped', exit 0."""
+    import subprocess
+    import sys
+
+    p = subprocess.run(
+        [sys.executable, "tools/benchmark.py", "--config-file", DEMO, "--image-size", "64", "96",
+         "--iters", "1", "--warmup", "0", "--decoder-only", "--no-flops", "--no-roofline",
+         "--threads", "1", "--official-python", str(tmp_path / "no_python"),
+         "--official-repo", str(tmp_path), *TINY],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"benchmark: error: authors' reference: python '{tmp_path / 'no_python'}' does not exist")
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--config-file", "configs/no_such.py"], "benchmark: error: config file "
+     "'configs/no_such.py' does not exist"),
+    (["--config-file", DEMO, "model.decoder.num_querys=10"], "did you mean"),
+    (["--config-file", DEMO, "--compare-opts", "model.decoder.sampler=grouepd"], "grouepd"),
+])
+def test_config_mistakes_end_in_one_line(args, line):
+    """Issue 22: the tools' front (stageinteractor.d2.cli) -- one line, exit 2, nothing run."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "tools/benchmark.py", *args, "--image-size", "64", "96",
+                        "--iters", "1", "--decoder-only", "--no-flops", "--no-roofline"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and line in err[-1] and err[-1].startswith("benchmark: error: ")
+    assert "Traceback" not in p.stderr and "decoder-only:" not in p.stderr
+
+
+def test_memory_worker_reports_a_positive_peak():
+    """The fresh-process CPU memory measurement (python -m stageinteractor.benchmark.memory):
+    the float32 weights of the tiny demo model at least."""
+    from stageinteractor.benchmark.memory import measure_memory_cpu
+    from stageinteractor.benchmark.models import build_model, param_counts
+
+    res = measure_memory_cpu({"a": (DEMO, TINY)}, repeats=1, image_size=(64, 96), batch_size=1,
+                             threads=1)
+    model, _ = build_model(DEMO, TINY, "cpu")
+    params = param_counts(model)["total"]
+    assert len(res["a"]) == 1 and res["a"][0] >= 4 * params  # float32 weights at least
+
+
+# ------------------------------------------------------------------ issue 23 item 5
+FAKE_TRAIN_WORKER = r'''
+import json, sys
+args = sys.argv[1:]
+if "--memory" in args:
+    print("MEMORY_RESULT " + json.dumps({"train_peak_memory_bytes": 3 * 2**20}), flush=True)
+    sys.exit(0)
+batch = int(args[args.index("--batch") + 1])
+print(json.dumps({"ready": True, "torch": "fake", "threads": 1, "size": [64, 96], "batch": batch}),
+      flush=True)
+for line in sys.stdin:
+    cmd = line.strip()
+    if cmd == "quit":
+        print(json.dumps({"bye": True}), flush=True)
+        break
+    print(json.dumps({"wall_s": 3.0, "cpu_s": 2.0} if cmd == "train" else {"error": cmd}),
+          flush=True)
+'''
+
+
+def test_training_step_against_the_authors(bench, tmp_path):
+    """--train with the authors' environment: their training step (a fake worker reporting 3 s,
+    2 s CPU, 3 MiB) timed interleaved with ours, batch 2 (the inference reference is batch 1
+    only: not started), our step clipped like theirs, peak memories side by side."""
+    train_worker = tmp_path / "fake_train.py"
+    train_worker.write_text(FAKE_TRAIN_WORKER)
+    out = tmp_path / "train.json"
+    bench.main(["--config-file", DEMO, "--image-size", "64", "96", "--iters", "2", "--warmup", "0",
+                "--train", "--batch-size", "2", "--no-flops", "--no-roofline", "--threads", "1",
+                "--memory-repeats", "1", "--json", str(out), *_fake_reference(tmp_path),
+                "--official-train-worker", str(train_worker), *TINY])
+    data = json.loads(out.read_text())
+    off, vs, a = data["official"], data["ratios_vs_official"], data["a"]
+    assert off["train_batch"] == 2 and "batch 1" in off["inference_skipped"]
+    assert off["train_s"]["median"] == 3.0 and off["train_cpu_s"]["median"] == 2.0
+    assert vs["train"]["median"] == pytest.approx(3.0 / a["train_step_s"])
+    assert vs["train"]["cpu"] == pytest.approx(2.0 / a["train_cpu_s_spread"]["median"])
+    assert off["train_peak_memory_bytes"] == 3 * 2**20
+    assert vs["train_peak_memory_bytes"] == pytest.approx(3 * 2**20 / a["train_peak_memory_bytes"])
+    assert data["settings"]["clip_grad"] == 1.0 and "whole" not in vs
+
+
+def test_training_step_clips_the_global_gradient_norm():
+    """--clip-grad: the gradient (3, 4, 0) (norm 5) is scaled to norm 1 before the step."""
+    from stageinteractor.benchmark.steps import TrainStep
+
+    class Lin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+
+        def forward(self, x):
+            return {"loss": (self.w * x).sum()}
+
+    model = Lin()
+    TrainStep(model, torch.tensor([3.0, 4.0, 0.0], dtype=torch.float64), "cpu", False, clip=1.0)()
+    assert torch.allclose(model.w.grad, torch.tensor([0.6, 0.8, 0.0], dtype=torch.float64))
+    TrainStep(model, torch.tensor([0.3, 0.4, 0.0], dtype=torch.float64), "cpu", False, clip=1.0)()
+    assert torch.allclose(model.w.grad, torch.tensor([0.3, 0.4, 0.0], dtype=torch.float64))
+
+
+def test_authors_training_batch_by_hand():
+    """The authors' training worker's batch (no mmdet needed): 8 boxes per image inside it,
+    labels in [0, 80), metas of the padded size."""
+    from stageinteractor.benchmark.official_train import training_batch
+
+    img, metas, boxes, labels = training_batch(2, 64, 96, seed=0)
+    assert img.shape == (2, 3, 64, 96) and len(metas) == len(boxes) == len(labels) == 2
+    for b, lab, m in zip(boxes, labels, metas):
+        assert b.shape == (8, 4) and bool((b[:, 2:] > b[:, :2]).all())
+        assert bool((b[:, 0] >= 0).all()) and bool((b[:, 2] <= 96 * (0.7 + 0.3)).all())
+        assert bool((b[:, 3] <= 64 * (0.7 + 0.3)).all()) and lab.max() < 80 and lab.min() >= 0
+        assert m["pad_shape"] == (64, 96, 3) and m["batch_input_shape"] == (64, 96)

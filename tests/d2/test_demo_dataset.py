@@ -69,7 +69,7 @@ def test_annotations_inside_images_and_valid(tmp_path):
 
 def test_bbox_is_tight_around_object_pixels():
     """Boxes lie inside the image and are not degenerate (the exact mask->box step is
-    checked on hand-made masks in test_shape_masks_hand_checked)."""
+    checked on hand-made masks in test_mask_to_box_by_hand_with_occlusion)."""
     rng = np.random.default_rng([5, 0, 0])
     image, objects = render_demo_image(rng, SMALL)
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
@@ -146,3 +146,52 @@ def test_make_demo_dataset_tool(tmp_path, capsys):
     assert mod.main(["--root", str(tmp_path), "--num-train", "2", "--num-val", "1"]) == 0
     out = capsys.readouterr().out
     assert str(tmp_path / "stageinteractor_demo") in out and '"images": 2' in out
+
+
+def _rect(mask, rows, cols):
+    mask[rows[0]:rows[1] + 1, cols[0]:cols[1] + 1] = True  # inclusive pixel ranges
+
+
+def test_mask_to_box_by_hand_with_occlusion(monkeypatch):
+    """The mask -> COCO box/area step on hand-made masks (the shapes' masks replaced): boxes are
+    [x0, y0, x1 - x0 + 1, y1 - y0 + 1] of the first/last object pixel (tight, last row and column
+    included), areas count the visible pixels, a later object occludes an earlier one, and an
+    object with fewer than 16 visible pixels is dropped."""
+    spec = DemoDatasetSpec(min_image_size=40, max_image_size=40, min_objects=3, max_objects=3,
+                           min_object_size=8, max_object_size=16, max_overlap_iou=1.0, num_clutter=0)
+    masks = []
+    # A: an L -- rows 5-14 x cols 3-8, plus rows 12-14 x cols 3-20
+    a = np.zeros((40, 40), bool)
+    _rect(a, (5, 14), (3, 8))
+    _rect(a, (12, 14), (3, 20))
+    # B: rows 10-19 x cols 15-24, drawn after A: hides A's pixels rows 12-14 x cols 15-20
+    b = np.zeros((40, 40), bool)
+    _rect(b, (10, 19), (15, 24))
+    # C: the diagonal (i, i), i = 22..37: 16 pixels, a 16 x 16 box; fully visible
+    c = np.zeros((40, 40), bool)
+    c[np.arange(22, 38), np.arange(22, 38)] = True
+    queue = [a, b, c]
+    classes = []
+
+    def fake_mask(cls, h, w, cx, cy, size, rot):
+        assert (h, w) == (40, 40)
+        classes.append(cls)
+        return queue[len(classes) - 1].copy()
+
+    monkeypatch.setattr(dd, "_shape_mask", fake_mask)
+    image, objects = render_demo_image(np.random.default_rng(0), spec)
+    assert image.shape == (40, 40, 3) and len(classes) == 3
+    assert [o["bbox"] for o in objects] == [[3, 5, 12, 10], [15, 10, 10, 10], [22, 22, 16, 16]]
+    assert [o["area"] for o in objects] == [10 * 6 + 3 * 6, 100, 16]
+    assert [o["category_id"] for o in objects] == [k + 1 for k in classes]
+
+    # one more object D (rows 30-39 x cols 37-39) hides C's pixel (37, 37): C keeps 15 pixels
+    # and is dropped; D stays
+    d = np.zeros((40, 40), bool)
+    _rect(d, (30, 39), (37, 39))
+    queue[:] = [a, b, c, d]
+    classes.clear()
+    spec4 = DemoDatasetSpec(**{**spec.__dict__, "min_objects": 4, "max_objects": 4})
+    _, objects = render_demo_image(np.random.default_rng(0), spec4)
+    assert [o["bbox"] for o in objects] == [[3, 5, 12, 10], [15, 10, 10, 10], [37, 30, 3, 10]]
+    assert [o["area"] for o in objects] == [78, 100, 30]

@@ -85,3 +85,96 @@ def test_gpu_rows_are_the_issue_figures(tool):
     assert "--decoder-only" in rows["decoder_only"] and "--compile" in rows["compile"]
     assert list(rows)[-1] == "compile"  # the longest (inductor build) runs last
     assert tool.parse_args(["--output-dir", "x"]).budget_s == 420.0
+
+
+# ------------------------------------------------------------------ issue 21 items 3 and 7
+from stageinteractor.benchmark import gpu_check as gc  # noqa: E402
+
+PYTEST_OUT = """\
+...s.s
+SKIPPED [1] tests/detrex/test_cuda_detrex.py:19: could not import 'detrex': No module named 'detrex'
+SKIPPED [1] tests/d2/test_cuda_backbone_ddp.py:53: needs 2 CUDA devices
+7 passed, 2 skipped in 80.1s
+"""
+
+
+def test_pytest_output_parsed():
+    res = gc.parse_pytest(PYTEST_OUT)
+    assert res["passed"] == 7 and res["skipped"] == 2 and "failed" not in res
+    assert res["skips"] == [
+        ("tests/d2/test_cuda_backbone_ddp.py", "needs 2 CUDA devices"),
+        ("tests/detrex/test_cuda_detrex.py", "could not import 'detrex': No module named 'detrex'"),
+    ]
+
+
+def test_skips_on_a_gpu_machine_fail_except_multi_gpu_ones():
+    """Item 7: detrex's gpu tests skipped on a GPU machine passed silently; the NCCL test's skip
+    with one GPU was not reported."""
+    skips = gc.parse_pytest(PYTEST_OUT)["skips"]
+    bad, not_run = gc.judge_skips(skips, "cuda", gpu_count=1)
+    assert bad == ["tests/detrex/test_cuda_detrex.py: skipped on a GPU machine: could not "
+                   "import 'detrex': No module named 'detrex'"]
+    assert not_run == ["tests/d2/test_cuda_backbone_ddp.py: needs 2 CUDA devices "
+                       "(this machine has 1)"]
+    bad2, not_run2 = gc.judge_skips(skips[:1], "cuda", gpu_count=2)  # 2 GPUs: a real skip
+    assert len(bad2) == 1 and not not_run2
+    assert gc.judge_skips(skips, "cpu", gpu_count=0) == ([], [])  # the dry run allows skips
+
+
+def test_dino_row_without_detrex_fails_on_cuda_only():
+    env = {"detrex": None, "detrex_error": "ModuleNotFoundError: No module named 'detrex'"}
+    row = gc.missing_dino_row("cuda", env)
+    assert row["status"] == "failed" and "No module named 'detrex'" in row["reason"]
+    assert gc.missing_dino_row("cpu", env)["status"] == "skipped"
+    res = {"tests": {"ok": True}, "rows": {"stageinteractor_vs_dino": row}, "host_syncs": {}}
+    assert gc.verdict(res)["ok"] is False
+
+
+def _counts(to_cpu_train=3, to_cpu_inf=1, warn=None, total_inf=1):
+    zero = {"scalar": 0, "to_gpu": 0, "data_dep": 0, "device_mismatch": 0}
+    return {"train_step": dict(zero, to_cpu=to_cpu_train, total=to_cpu_train,
+                               cuda_sync_warnings=None),
+            "inference": dict(zero, to_cpu=to_cpu_inf, total=total_inf, cuda_sync_warnings=warn)}
+
+
+def test_host_sync_step_asserts_the_budget():
+    """Item 7: the host-sync step recorded counts and asserted nothing."""
+    assert gc.judge_host_syncs(_counts()) == []
+    assert gc.judge_host_syncs(_counts(to_cpu_train=4)) == ["train_step: to_cpu 4 > budget 3"]
+    assert gc.judge_host_syncs(_counts(warn=1)) == []
+    assert gc.judge_host_syncs(_counts(warn=2)) == [
+        "inference: PyTorch's sync-debug mode saw 2 syncs, the counter 1 "
+        "(the counter misses syncs)"]
+    only_train = {"train_step": _counts()["train_step"]}
+    assert gc.judge_host_syncs(only_train) == ["inference: not counted"]
+    res = {"tests": {"ok": True}, "rows": {}, "host_syncs": {"demo": {"status": "failed"}}}
+    assert gc.verdict(res) == {"ok": False, "failed_rows": [], "failed_host_syncs": ["demo"],
+                               "timeouts": []}
+
+
+class _Clock:
+    t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_compile_row_has_a_reserved_budget(tmp_path):
+    """Item 3: the compile row started with whatever budget was left."""
+    clock = _Clock()
+    check = gc.Check(str(tmp_path), 420.0, "cuda", reserve_s=150.0, clock=clock)
+    assert check.timeout_for("tests") == 270.0 and check.timeout_for("compile") == 420.0
+    clock.t = 250.0  # 170 s left: 20 s for the others (< 30 to start), all of it for compile
+    assert check.timeout_for("decoder_only") is None and check.timeout_for("compile") == 170.0
+    check.log_file.close()
+
+
+def test_a_timed_out_row_is_a_timeout_not_a_failure(tmp_path, monkeypatch):
+    check = gc.Check(str(tmp_path), 420.0, "cuda", reserve_s=150.0)
+    monkeypatch.setattr(check, "run", lambda cmd, timeout, env=None: ("timeout", "", timeout))
+    row = gc._run_row(check, "compile", ["--compile"])
+    assert row["status"] == "timeout" and "not a failure of the model" in row["reason"]
+    check.log_file.close()
+    rows = {"compile": row, "decoder_only": {"status": "ok"}}
+    v = gc.verdict({"tests": {"ok": True}, "rows": rows, "host_syncs": {"demo": {"status": "ok"}}})
+    assert v == {"ok": True, "failed_rows": [], "failed_host_syncs": [], "timeouts": ["compile"]}

@@ -195,15 +195,32 @@ def test_all_empty_batch_and_no_storage():
     assert all(torch.isfinite(v) for v in losses.values())
 
 
-def test_export_path_equals_forward():
-    model = _model().eval()
-    inputs = _inputs([(32, 64)], orig=[(32, 64)])
+def test_export_path_and_forward_give_the_hand_computed_top_k():
+    """forward_export (the export entry point) and forward against an answer computed by hand
+    from the stand-in decoder's fixed logits/boxes: the 5 best (query, class) pairs of the 5 x 3
+    scores, sigmoid scores, the query's box; forward rescales it to the original size."""
+    logits = torch.tensor([[[0.1, -2.0, 3.0], [1.5, 0.2, -1.0], [-0.5, 2.5, 0.0],
+                            [0.7, -0.3, 1.2], [-1.5, 0.4, 2.0]]])
+    boxes = torch.tensor([[[0.0, 0.0, 8.0, 8.0], [4.0, 2.0, 20.0, 30.0], [10.0, 12.0, 30.0, 28.0],
+                           [1.0, 5.0, 9.0, 7.0], [30.0, 0.0, 60.0, 16.0]]])
+    model = _model(decoder=_Decoder(boxes=boxes, logits=logits)).eval()
+    # by hand: (logit, query, class) sorted by logit: 3.0 (q0 c2), 2.5 (q2 c1), 2.0 (q4 c2),
+    # 1.5 (q1 c0), 1.2 (q3 c2)
+    picks = [(3.0, 0, 2), (2.5, 2, 1), (2.0, 4, 2), (1.5, 1, 0), (1.2, 3, 2)]
+    want_scores = torch.tensor([1.0 / (1.0 + math.exp(-v)) for v, _, _ in picks])
+    want_classes = [c for _, _, c in picks]
+    want_boxes = torch.stack([boxes[0, q] for _, q, _ in picks])
+    inputs = _inputs([(32, 64)], orig=[(64, 128)])
     with torch.no_grad():
-        out = model(inputs)[0]["instances"]
         images = model.preprocess_image(inputs)
-        boxes, scores, classes = model.forward_export(images.tensor, torch.tensor([[32.0, 64.0]]))
-    torch.testing.assert_close(out.pred_boxes.tensor, boxes[0])
-    torch.testing.assert_close(out.scores, scores[0])
+        e_boxes, e_scores, e_classes = model.forward_export(images.tensor, torch.tensor([[32.0, 64.0]]))
+        out = model(inputs)[0]["instances"]
+    torch.testing.assert_close(e_scores[0], want_scores)
+    assert e_classes[0].tolist() == want_classes
+    torch.testing.assert_close(e_boxes[0], want_boxes)
+    torch.testing.assert_close(out.scores, want_scores)
+    assert out.pred_classes.tolist() == want_classes and out.image_size == (64, 128)
+    torch.testing.assert_close(out.pred_boxes.tensor, want_boxes * 2.0)  # (32, 64) -> (64, 128)
 
 
 @pytest.mark.parametrize(

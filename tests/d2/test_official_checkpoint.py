@@ -20,9 +20,9 @@ from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import LazyConfig  # noqa: E402
 
 from stageinteractor.d2.backbone.swin import PatchMerging, relative_position_index  # noqa: E402
-from stageinteractor.d2.official_checkpoint import (  # noqa: E402
+from stageinteractor.d2.config_model import build_config_model  # noqa: E402
+from stageinteractor.official.checkpoint import (  # noqa: E402
     ConversionError,
-    build_config_model,
     check_against_model,
     convert_official_to_ours,
     convert_ours_to_official,

@@ -76,7 +76,7 @@ def test_load_metrics_resume_duplicates_and_missing_keys(tmp_path):
     assert tool.load_metrics(str(tmp_path / "h"), "csla_one2many/")[(0, 1)][1].tolist() == [0.9]
     with pytest.raises(ValueError, match="prefix 'diag/'"):
         tool.load_metrics(str(tmp_path / "h"), "diag/")
-    with pytest.raises(FileNotFoundError, match="no metrics.json"):
+    with pytest.raises(tool.MetricsError, match="no metrics.json"):
         tool.load_metrics(str(tmp_path / "missing"))
 
 
@@ -115,5 +115,5 @@ def test_plot_two_runs(tmp_path, capsys):
 
     w, h = Image.open(png).size
     assert w > 2 * h  # three subplots side by side
-    with pytest.raises(ValueError, match="--labels"):
-        tool.main([str(a), str(b), "--output", str(png), "--labels", "one"])
+    assert tool.main([str(a), str(b), "--output", str(png), "--labels", "one"]) == 2
+    assert capsys.readouterr().err == "plot_instability: error: --labels: got 1 labels for 2 runs\n"

@@ -263,3 +263,46 @@ def test_h_detr_one2many_branch_is_left_to_detrex_unless_asked():
     assert all(torch.equal(results[False][k], want[k]) for k in want)
     assert not torch.allclose(results[True]["loss_class"], want["loss_class"])
     assert torch.equal(results[True]["loss_bbox"], want["loss_bbox"])
+
+
+def test_normalisers_differ_and_match_hand_computed_losses():
+    """A case where the two normalisers differ: stage 0 has 3 multi-hot positives and 2
+    matched queries (max_positives = 3) while the batch has 2 ground truths (num_boxes = 2).
+    With all logits 0 (p = 1/2) every entry's focal term is ln 2 * (1/2)^2 times alpha = 1/4
+    (positive) or 1 - alpha = 3/4 (negative), so each loss is (sum over the 3 x 4 entries) / norm:
+    stage 0: (3 * 1/4 + 9 * 3/4) * ln2 / 4 = 1.875 ln 2, stage 1 (1 positive): 2.125 ln 2."""
+    import math
+
+    ln2 = math.log(2.0)
+    want = {
+        "max_positives": {"loss_class_0": 1.875 * ln2 / 3, "loss_class": 2.125 * ln2 / 2},
+        "num_boxes": {"loss_class_0": 1.875 * ln2 / 2, "loss_class": 2.125 * ln2 / 2},
+    }
+    for norm, expected in want.items():
+        crit, outputs, targets, _ = _toy(csla_cls_norm=norm)
+        losses = crit(outputs, targets)
+        for key, value in expected.items():
+            assert losses[key].item() == pytest.approx(value, rel=1e-6), (norm, key)
+    assert want["max_positives"]["loss_class_0"] != pytest.approx(want["num_boxes"]["loss_class_0"])
+
+
+def test_use_csla_cls_norm_reaches_the_loss():
+    """The config switch end to end: ``use_csla(cls_norm=...)`` on a SetCriterion config node,
+    instantiated, gives stage 0's hand-computed loss with that normaliser (3 vs 2)."""
+    import math
+
+    from detectron2.config import LazyCall, instantiate
+    from detrex.modeling.criterion.criterion import SetCriterion
+
+    from stageinteractor.detrex_ext.swap import use_csla
+
+    for norm, denominator in (("num_boxes", 2.0), ("max_positives", 3.0)):
+        _, outputs, targets, matcher = _toy()
+        model_cfg = {
+            "criterion": LazyCall(SetCriterion)(num_classes=K, matcher=matcher, weight_dict=dict(WEIGHTS))
+        }
+        use_csla(model_cfg, cls_norm=norm)
+        crit = instantiate(model_cfg["criterion"])
+        assert crit.csla_cls_norm == norm
+        loss = crit(outputs, targets)["loss_class_0"].item()
+        assert loss == pytest.approx(1.875 * math.log(2.0) / denominator, rel=1e-6), norm

@@ -30,7 +30,7 @@ Patch merging concatenates the 2x2 neighbours in Microsoft order (x[0::2,0::2], 
 x[0::2,1::2], x[1::2,1::2]). The mmdet fork stores ``downsample.reduction``/``downsample.norm``
 in nn.Unfold order (permutation [0, 2, 1, 3] of the four C-sized chunks) under
 ``stages.{i}.downsample.*``; a converter for the authors' trained checkpoint must undo that
-(see shared/spec/official_checkpoint_layout.md §8.2).
+(``stageinteractor.official.checkpoint`` does).
 
 Feature names: ``res2..res5`` (same names as the ResNet backbones, so neck configs are
 backbone-agnostic).

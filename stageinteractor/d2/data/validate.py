@@ -9,6 +9,10 @@ because training ignores them.
 Every error is a :class:`DatasetValidationError` whose message names the file, the image or
 annotation id, the offending value and what was expected. Validation stops at the first error
 and reports how many further problems of the same scan were found.
+
+:func:`dataset_names` lists the datasets a config's ``dataloader`` uses (all, the train split
+only, or what ``--eval-only`` reads); :func:`dataset_categories` gives a registered dataset's
+category names in detectron2's contiguous order (for ``num_classes`` checks and labels).
 """
 from __future__ import annotations
 
@@ -17,12 +21,15 @@ import math
 import os
 from typing import Any, Callable, Dict, List, Optional
 
+from stageinteractor.errors import UserError
+
 __all__ = ["DatasetValidationError", "validate_coco_json", "validate_dataset_dicts",
-           "validate_registered_dataset"]
+           "validate_registered_dataset", "dataset_names", "dataset_categories"]
 
 
-class DatasetValidationError(ValueError):
-    """A dataset is unusable; the message says where and why."""
+class DatasetValidationError(UserError, ValueError):
+    """A dataset is unusable; the message says where and why (a user mistake: the tools print
+    it as one line, see :mod:`stageinteractor.errors`)."""
 
 
 class _Collector:
@@ -244,3 +251,73 @@ def validate_registered_dataset(name: str, *, check_files: bool = True) -> Dict[
     return validate_dataset_dicts(name, DatasetCatalog.get(name),
                                   num_classes=len(classes) if classes else None,
                                   check_files=check_files)
+
+
+# ----------------------------------------------------------------------------------------------
+# which datasets a config uses, and their categories
+# ----------------------------------------------------------------------------------------------
+_NAME_KEYS = ("names", "dataset_name", "dataset_names")
+
+
+def _names_under(node) -> List[str]:
+    """Dataset names held by ``names`` / ``dataset_name(s)`` keys anywhere below ``node``."""
+    from omegaconf import DictConfig, ListConfig
+
+    found: List[str] = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            try:
+                v = node[k]
+            except Exception:  # noqa: BLE001 - unresolvable interpolation
+                continue
+            if k in _NAME_KEYS:
+                vals = [v] if isinstance(v, str) else list(v) if isinstance(
+                    v, (ListConfig, list, tuple)) else []
+                found.extend(x for x in vals if isinstance(x, str))
+            else:
+                found.extend(_names_under(v))
+    elif isinstance(node, ListConfig):
+        for v in node:
+            found.extend(_names_under(v))
+    return found
+
+
+def dataset_names(cfg, *, eval_only: bool = False, train_only: bool = False) -> List[str]:
+    """The dataset names a LazyConfig's ``dataloader`` uses, in order, without repeats.
+
+    ``eval_only``: only those of ``dataloader.test`` and ``dataloader.evaluator`` (what
+    ``--eval-only`` reads); ``train_only``: only those of ``dataloader.train``; else all.
+    """
+    loader = cfg.get("dataloader") if hasattr(cfg, "get") else None
+    if loader is None:
+        return []
+    if eval_only:
+        parts = [loader.get(k) for k in ("test", "evaluator") if k in loader]
+    elif train_only:
+        parts = [loader.get("train")] if "train" in loader else []
+    else:
+        parts = [loader]
+    return list(dict.fromkeys(n for p in parts for n in _names_under(p)))
+
+
+def dataset_categories(name: str) -> Optional[List[str]]:
+    """Category names of a registered dataset in contiguous-id order (what detectron2's
+    ``load_coco_json`` makes ``thing_classes``: the json's categories sorted by id), or None
+    when they cannot be known without loading the dataset."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    if name not in DatasetCatalog.list():
+        return None
+    meta = MetadataCatalog.get(name)
+    classes = getattr(meta, "thing_classes", None)
+    if classes:
+        return list(classes)
+    json_file = getattr(meta, "json_file", None)
+    if not json_file or not os.path.isfile(json_file):
+        return None
+    try:
+        with open(json_file, "rb") as f:
+            cats = json.loads(f.read().decode("utf-8")).get("categories")
+        return [str(c["name"]) for c in sorted(cats, key=lambda c: c["id"])]
+    except (ValueError, TypeError, KeyError, AttributeError, OSError):
+        return None  # a malformed json: validation names the problem

@@ -1,8 +1,7 @@
 """Rebuild the inputs of the official-decoder parity fixture from its formula.
 
-The fixture (``tests/fixtures/official_decoder_parity``, copied from the project's
-``shared/fixtures/official_decoder_parity``) stores what the authors' code
-computed for a decoder whose every weight and every input feature map is given by a
+The fixture (``tests/fixtures/official_decoder_parity``, README there) stores what the
+authors' code computed for a decoder whose every weight and every input feature map is given by a
 deterministic formula of the tensor's *name* (the official ``state_dict`` key, or
 ``feat{l}`` for feature map l). This module regenerates those tensors, so that any fixture
 produced the same way (another frequency ``A``, other image sizes, ground truths, queries)
@@ -244,15 +243,11 @@ def _pad_gts(expected: Mapping[str, object], batch: int):
 def find_parity_fixture(repo_root: "str | Path | None" = None) -> Optional[Path]:
     """The folder of the official decoder parity fixture (holding ``expected.pt``), or None.
 
-    Looked up in order: ``$STAGEINTERACTOR_PARITY_FIXTURE``, ``<repo>/tests/fixtures/
-    official_decoder_parity`` (the copy in the repository, so a plain clone finds it),
-    ``<repo>/../shared/fixtures/official_decoder_parity`` and
-    ``<repo>/shared/fixtures/official_decoder_parity``."""
-    root = Path(repo_root) if repo_root is not None else Path(__file__).resolve().parents[3]
-    sub = Path("fixtures") / "official_decoder_parity"
+    ``$STAGEINTERACTOR_PARITY_FIXTURE`` when set (another fixture made the same way), else
+    ``<repo>/tests/fixtures/official_decoder_parity`` (in the repository: a clone finds it)."""
+    root = Path(repo_root) if repo_root is not None else Path(__file__).resolve().parents[2]
     candidates = [os.environ.get("STAGEINTERACTOR_PARITY_FIXTURE", ""),
-                  str(root / "tests" / sub),
-                  str(root.parent / "shared" / sub), str(root / "shared" / sub)]
+                  str(root / "tests" / "fixtures" / "official_decoder_parity")]
     for c in candidates:
         if c and (Path(c) / "expected.pt").is_file():
             return Path(c)

@@ -1,13 +1,14 @@
 """Convert the authors' (mmdet 2.12 fork) StageInteractor checkpoints to our layout and back.
 
-Official layout: ``shared/spec/official_checkpoint_layout.md``. A checkpoint is a
+Official layout: :func:`official_layout` (generated; the authors' parameter counts per backbone
+are checked in ``tests/d2/test_official_checkpoint.py``). A checkpoint is a
 ``torch.save`` dict ``{"meta", "state_dict", "optimizer"}`` (or a bare state dict) with keys
 ``backbone.*`` (R50 / R101 / X101-DCN / Swin-S), ``neck.*`` (ChannelMapping), ``rpn_head.*``
 (initial queries) and ``roi_head.bbox_head.{s}.*`` (the decoder stages).
 
 Our model (:class:`stageinteractor.d2.meta_arch.StageInteractor`) holds ``backbone.``,
 ``neck.`` and ``decoder.``. The decoder part of the mapping lives in the core
-(:mod:`stageinteractor.core.official_layout`); this module adds
+(:mod:`stageinteractor.official.layout`); this module adds
 
 * the backbone and neck layouts and renames (incl. the Swin patch-merging re-ordering);
 * :func:`convert_official_to_ours` / :func:`convert_ours_to_official` on state dicts, which
@@ -15,9 +16,9 @@ Our model (:class:`stageinteractor.d2.meta_arch.StageInteractor`) holds ``backbo
 * file handling with one clear :class:`ConversionError` per bad input (not a checkpoint,
   truncated file, another detector) and an atomic writer.
 
-The CLI is ``tools/convert_official_checkpoint.py``. The key mapping uses no detectron2 API
-(the decoder part is pure core code); :func:`build_config_model` builds a LazyConfig's model
-to check a converted state dict against it (:func:`check_against_model`).
+The CLI is ``tools/convert_official_checkpoint.py``. Nothing here uses detectron2: the tool
+builds a LazyConfig's model (:func:`stageinteractor.d2.config_model.build_config_model`) to
+check a converted state dict against it (:func:`check_against_model`).
 """
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from stageinteractor.core.official_layout import (
+from stageinteractor.official.layout import (
+    OURS_CONTENT_KEY,
+    OURS_STAGES_PREFIX,
     DecoderHParams,
     FusedMap,
     KeyMap,
@@ -55,7 +58,6 @@ __all__ = [
     "convert_official_to_ours",
     "convert_ours_to_official",
     "check_against_model",
-    "build_config_model",
     "save_atomically",
 ]
 
@@ -74,10 +76,11 @@ class ConversionError(Exception):
 @dataclass
 class ConversionReport:
     """What a conversion did: ``mapped`` official->ours pairs, ``dropped`` key->reason,
-    ``warnings`` (e.g. non-zero dead layers), ``backbone`` and ``num_queries``."""
+    ``warnings`` (e.g. non-zero dead layers), ``backbone``, ``num_queries`` and ``num_classes``."""
 
     backbone: str = ""
     num_queries: int = 0
+    num_classes: int = 0
     mapped: List[Tuple[str, str]] = field(default_factory=list)
     dropped: Dict[str, str] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
@@ -91,7 +94,7 @@ class ConversionReport:
         n_fused_src = sum(c for c in fused.values() if c > 1)
         n_fused_dst = sum(1 for c in fused.values() if c > 1)
         lines = [
-            f"backbone: {self.backbone}, queries: {self.num_queries}",
+            f"backbone: {self.backbone}, queries: {self.num_queries}, classes: {self.num_classes}",
             f"mapped: {len(self.mapped)} keys -> {n_ours} keys of ours ({n_fused_src} official generator "
             f"tensors fused into {n_fused_dst} per-stage 'generator' tensors)",
             f"dropped: {len(self.dropped)} keys",
@@ -448,21 +451,22 @@ def convert_official_to_ours(
     if not all(m in sd for m in _STAGEINTERACTOR_MARKERS):
         raise ConversionError(f"{source}: " + _describe_other(sd, meta))
     kind = detect_backbone(sd, source)
-    num_queries = int(sd["rpn_head.init_content_features.weight"].shape[0])
-    hp = hp or DecoderHParams(num_queries=num_queries)
+    hp = hp or _hparams(sd, "rpn_head.init_content_features.weight", "roi_head.bbox_head.0.fc_cls.weight")
+    num_queries = hp.num_queries
     layout = official_layout(kind, num_queries, hp)
     for k, v in sd.items():
         if k not in layout:
             raise ConversionError(
                 f"{source}: unknown key {k!r} (shape {list(_shape(v))}); it is not in the official "
-                f"StageInteractor {kind} layout with {num_queries} queries (expected shape: none)")
+                f"StageInteractor {kind} layout with {num_queries} queries, {hp.num_classes} classes "
+                f"(expected shape: none)")
         if _shape(v) != layout[k]:
             raise ConversionError(f"{source}: shape mismatch for {k!r}: found {list(_shape(v))}, expected {list(layout[k])}")
     for k, shape in layout.items():
         if k not in sd:
             raise ConversionError(f"{source}: missing key {k!r} (found: none, expected shape {list(shape)})")
 
-    report = ConversionReport(backbone=kind, num_queries=num_queries)
+    report = ConversionReport(backbone=kind, num_queries=num_queries, num_classes=hp.num_classes)
     out: "OrderedDict[str, Tensor]" = OrderedDict()
     nonzero_dead: List[str] = []
     for m in key_maps(kind, num_queries, hp):
@@ -489,18 +493,19 @@ def convert_ours_to_official(
     sd: Mapping[str, Tensor], *, source: str = "checkpoint", hp: Optional[DecoderHParams] = None,
 ) -> "OrderedDict[str, Tensor]":
     """Our model's state dict -> official layout (dead layers and constant buffers regenerated)."""
-    if "decoder." + _content_key() not in sd:
+    if "decoder." + OURS_CONTENT_KEY not in sd:
         raise ConversionError(f"{source}: not a checkpoint of this project's StageInteractor model "
-                              f"(missing 'decoder.{_content_key()}'; first keys: {list(sd)[:3]})")
+                              f"(missing 'decoder.{OURS_CONTENT_KEY}'; first keys: {list(sd)[:3]})")
     kind = _detect_our_backbone(sd, source)
-    num_queries = int(sd["decoder." + _content_key()].shape[0])
-    hp = hp or DecoderHParams(num_queries=num_queries)
+    hp = hp or _hparams(sd, "decoder." + OURS_CONTENT_KEY, "decoder." + _ours_cls_key())
+    num_queries = hp.num_queries
     maps = key_maps(kind, num_queries, hp)
     expected_ours = {m.ours for m in maps if m.ours is not None}
     for k, v in sd.items():
         if k not in expected_ours:
             raise ConversionError(f"{source}: unknown key {k!r} (shape {list(_shape(v))}) for a {kind} "
-                                  f"model with {num_queries} queries (expected shape: none)")
+                                  f"model with {num_queries} queries, {hp.num_classes} classes "
+                                  f"(expected shape: none)")
     values: Dict[str, Tensor] = {}
     for m in maps:
         if m.ours is None:
@@ -525,10 +530,17 @@ def convert_ours_to_official(
     return OrderedDict((k, values[k]) for k in official_layout(kind, num_queries, hp))
 
 
-def _content_key() -> str:
-    from stageinteractor.core import official_layout as ol
+def _ours_cls_key() -> str:
+    return f"{OURS_STAGES_PREFIX}.0.cls_logits.weight"
 
-    return ol.OURS_CONTENT_KEY
+
+def _hparams(sd: Mapping[str, Tensor], queries_key: str, classes_key: str) -> DecoderHParams:
+    """The released decoder's hyper-parameters with the number of queries and of classes read
+    from the state dict (rows of the content embedding / of the first classifier; 80 classes
+    when the classifier is missing, which the key check then names)."""
+    cls = sd.get(classes_key)
+    return DecoderHParams(num_queries=int(sd[queries_key].shape[0]),
+                          num_classes=int(cls.shape[0]) if cls is not None and cls.dim() == 2 else 80)
 
 
 def _detect_our_backbone(sd: Mapping[str, Tensor], source: str) -> str:
@@ -556,30 +568,3 @@ def check_against_model(sd: Mapping[str, Tensor], model_sd: Mapping[str, Tensor]
         if k not in sd:
             raise ConversionError(f"{source}: the model built from the config needs {k!r} (shape "
                                   f"{list(_shape(v))}) but the converted checkpoint has none")
-
-
-def build_config_model(config_file: str) -> torch.nn.Module:
-    """``cfg.model`` of a LazyConfig, its parts built on the meta device (shapes only: no
-    memory, no init time) where their constructors allow it, else on the CPU. Needs detectron2."""
-    from detectron2.config import LazyConfig, instantiate
-    from detectron2.utils.registry import locate
-
-    if not os.path.isfile(config_file):
-        raise ConversionError(f"{config_file}: no such config file")
-    cfg = LazyConfig.load(config_file)
-
-    def build(node):
-        try:
-            with torch.device("meta"):
-                return instantiate(node)
-        except (NotImplementedError, RuntimeError):  # computes a value at construction
-            return instantiate(node)
-
-    try:
-        with torch.device("meta"):
-            return instantiate(cfg.model)
-    except (NotImplementedError, RuntimeError):
-        pass
-    target = cfg.model._target_
-    target = locate(target) if isinstance(target, str) else target
-    return target(**{k: build(v) for k, v in cfg.model.items() if k != "_target_"})

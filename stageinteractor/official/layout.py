@@ -2,7 +2,9 @@
 
 "Decoder" here = the official ``rpn_head`` (initial-query generator) + ``roi_head`` (the 6
 ``StageInteractorHead`` stages), i.e. everything our :class:`StageInteractorDecoder` holds.
-Layout source: ``shared/spec/official_checkpoint_layout.md`` §6-§7.
+Layout source: the authors' ``mmdet/models/dense_heads/query_generator.py`` and
+``mmdet/models/roi_heads/bbox_heads/stageinteractor_head.py``; the keys and parameter counts
+are checked in ``tests/core/test_official_layout.py``, the values in ``test_official_parity.py``.
 
 * :func:`official_decoder_layout` lists the official keys and shapes (state-dict order) for a
   given number of queries / classes / stages.
@@ -16,8 +18,8 @@ Layout source: ``shared/spec/official_checkpoint_layout.md`` §6-§7.
 * :func:`decoder_official_to_ours` / :func:`decoder_ours_to_official` convert decoder state
   dicts (exactly invertible: dead layers come back as zeros, constant buffers regenerated).
 
-Pure PyTorch: the detectron2 layer (``stageinteractor.d2.official_checkpoint``) adds the
-backbone and neck and the file handling.
+Pure PyTorch: :mod:`stageinteractor.official.checkpoint` adds the backbone and neck and the
+file handling.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ __all__ = [
     "decoder_official_to_ours",
     "decoder_ours_to_official",
     "OURS_CONTENT_KEY",
+    "OURS_STAGES_PREFIX",
 ]
 
 Shape = Tuple[int, ...]
@@ -313,8 +316,7 @@ OURS_STAGES_PREFIX = "stages"
 
 # official (relative to ``roi_head.bbox_head.{s}.``) -> ours (relative to ``stages.{s}.``);
 # longest prefix first. Every tensor keeps its layout (same rows/columns order), see the
-# checklist of official_checkpoint_layout.md §9 and the layouts of core/dynamic_mixing.py,
-# core/sampler.py, core/attention.py.
+# layouts of core/dynamic_mixing.py, core/sampler.py, core/attention.py.
 _STAGE_RENAMES: Dict[str, str] = {
     "iof_tau": "attention.iof_tau",
     "fc_cls.": "cls_logits.",
@@ -351,7 +353,7 @@ def _stage_rename(s: int, rest: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Decoder-only conversion (the d2 layer adds backbone, neck and file handling)
+# Decoder-only conversion (official/checkpoint.py adds backbone, neck and file handling)
 # --------------------------------------------------------------------------------------------
 
 def decoder_official_to_ours(
