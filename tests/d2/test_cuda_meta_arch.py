@@ -11,7 +11,7 @@ solves on the host (scipy), where a stand-in has no values: that is where it sto
 Values (real CUDA only; skipped on a stand-in): for the demo config and the R50-100q config (at a small image size): two training steps of
 this project's Trainer (the ``tools/train_net.py`` step: forward, losses, backward, clipping,
 optimizer, metrics) and one inference, in float32 and with AMP (CUDA: float16 autocast +
-GradScaler; the CPU dry run uses the Trainer's CPU AMP, bfloat16). Checks: finite losses,
+GradScaler stepping twice for real). Checks: finite losses,
 every output on the model's device with the expected dtype, finite updated weights, and
 AMP close to float32 (same weights and inputs): last-stage logits within 0.1 + 5 % (half
 precision keeps ~3 significant digits; six stages of sampling compound it), boxes within
