@@ -35,7 +35,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from stageinteractor.core.testing.official_fixture import formula_base
+from stageinteractor.official.fixture import formula_base
 
 __all__ = [
     "NUM_POSITIONS",

@@ -136,8 +136,8 @@ def _mmcv_no_decay(official_name):
 
 
 def test_swin_s_weight_decay_follows_the_authors_names():
-    from stageinteractor.d2.official_checkpoint import key_maps
-    from stageinteractor.core.official_layout import FusedMap
+    from stageinteractor.official.checkpoint import key_maps
+    from stageinteractor.official.layout import FusedMap
 
     cfg = _cfg("configs/stageinteractor/stageinteractor_swin_s_300q_crop_mstrain_3x.py")
     model = instantiate(cfg.model)
@@ -168,3 +168,36 @@ def test_swin_s_weight_decay_follows_the_authors_names():
     assert decay_of["neck.gn_out.weight"] == 1e-4
     assert decay_of["backbone.layers.0.blocks.0.norm1.weight"] == 0.0
     assert decay_of["backbone.layers.0.blocks.0.attn.relative_position_bias_table"] == 0.0
+
+
+# ------------------------------------------------------------------------------ R50 optimiser
+
+def test_r50_optimizer_step_settings_are_the_authors_recorded_ones():
+    """The settings of the step the gradient fixture recorded from the authors' optimizer and
+    hooks (tests/fixtures/official_gradient_parity, meta/optimizer_json) are what the R50
+    config builds: AdamW, lr at iteration 0 of the warm-up, betas, eps, weight decay on every
+    parameter, global L2 clipping at 1.0, 500 warm-up iterations."""
+    import json
+
+    from stageinteractor.official.gradient_fixture import find_gradient_fixture
+
+    directory = find_gradient_fixture()
+    if directory is None:
+        pytest.skip("official gradient fixture not found")
+    meta = json.loads(str(torch.load(directory / "expected.pt", weights_only=True)["meta/optimizer_json"]))
+    cfg = _cfg("configs/stageinteractor/stageinteractor_r50_100q_1x.py")
+    model = instantiate(cfg.model)
+    cfg.optimizer.params.model = model
+    opt = instantiate(cfg.optimizer)
+    sched = instantiate(cfg.lr_multiplier)
+    assert type(opt).__name__ == meta["type"] == "AdamW"
+    assert sum(len(g["params"]) for g in opt.param_groups) == len([p for p in model.parameters() if p.requires_grad])
+    for g in opt.param_groups:
+        assert g["weight_decay"] == meta["weight_decay"] and list(g["betas"]) == meta["betas"]
+        assert g["eps"] == meta["eps"] and g["amsgrad"] == meta["amsgrad"]
+        assert g["lr"] == meta["base_lr"]
+        assert abs(g["lr"] * sched(0.0) - meta["lr"]) <= 1e-12 * meta["lr"]
+    w = meta["warmup_iters"] / cfg.train.max_iter
+    assert meta["warmup"] == "linear" and sched(w) == 1.0 and sched(w * (1 - 1e-3)) < 1.0
+    clip = cfg.train.clip_grad
+    assert clip.enabled and clip.params.max_norm == meta["max_norm"] and clip.params.norm_type == meta["norm_type"]
