@@ -63,6 +63,12 @@ A command line over ``stageinteractor.benchmark`` (module map in its ``__init__`
   ``benchmark: error: ...`` and exit status 2.
   Both decoders' weights are random, perturbed by ``--perturb-decoder`` (0.02 * N(0, 1), as the
   reference does) so that queries sample different points.
+  With ``--train`` their **training step** too (``stageinteractor/benchmark/official_train.py``,
+  a second worker in their Python, any ``--batch-size``: ``forward_train``, backward, their
+  gradient clipping at 1.0 and AdamW step), timed interleaved with ours (then clipped at 1.0 as
+  well, ``--clip-grad``), and its peak training memory in fresh processes like ours: JSON
+  ``official.train_s``, ``official.train_peak_memory_bytes``, ``ratios_vs_official.train`` and
+  ``.train_peak_memory_bytes`` (authors' / ours). The inference reference runs batch 1 only.
 * CPU allocator (``--malloc``, default ``system`` = glibc's defaults, as a user's process runs):
   ``--malloc retain`` keeps freed memory for reuse (``stageinteractor.cpu_allocator``; glibc
   ``mallopt``, for the authors' worker through glibc's environment variables, both sides alike)
@@ -96,7 +102,7 @@ if _REPO_ROOT not in sys.path:
 
 from stageinteractor.benchmark.load import LoadMonitor  # noqa: E402
 from stageinteractor.benchmark.models import build_model, make_batch, perturb_decoder  # noqa: E402
-from stageinteractor.benchmark.runner import run, start_reference  # noqa: E402
+from stageinteractor.benchmark.runner import TRAIN_WORKER, run, start_reference  # noqa: E402
 from stageinteractor.benchmark.stats import spread  # noqa: E402
 from stageinteractor.benchmark.stress import Stressor  # noqa: E402
 from stageinteractor.errors import UserError, run_tool  # noqa: E402
@@ -139,6 +145,9 @@ def _measure_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", action="store_true", help="also time training steps and peak memory")
     p.add_argument("--amp", action="store_true",
                    help="training's mixed precision: CUDA float16 + GradScaler, CPU bfloat16")
+    p.add_argument("--clip-grad", type=float, default=None, metavar="MAX_NORM",
+                   help="clip the training step's global L2 gradient norm (default: none; 1.0, "
+                   "as training and the authors, when their training step is compared)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoder (whole model for others)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
@@ -171,6 +180,7 @@ def _official_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--official-repo", default=None, metavar="DIR",
                    help="checkout of the authors' repository (default $OFFICIAL_REPO)")
     p.add_argument("--official-worker", default=OFFICIAL_WORKER, help=argparse.SUPPRESS)
+    p.add_argument("--official-train-worker", default=TRAIN_WORKER, help=argparse.SUPPRESS)
 
 
 def parse_args(argv=None):
@@ -211,12 +221,11 @@ def main(argv=None) -> Dict[str, Any]:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but CUDA is not available")
     # same threads and allocator settings as ours; unusable settings: ReferenceSettingsError
-    official, skip = start_reference(args, torch.get_num_threads())
+    refs = start_reference(args, torch.get_num_threads())
     try:
-        return run(args, official, skip)
+        return run(args, refs)
     finally:
-        if official is not None:
-            official.close()
+        refs.close()
 
 
 def _cli(argv=None) -> int:

@@ -30,6 +30,7 @@ __all__ = [
     "worker_command",
     "parse_result",
     "measure_memory_cpu",
+    "measure_official_memory",
     "measure_memory_cuda",
 ]
 
@@ -105,6 +106,25 @@ def measure_memory_cpu(
                 )
             res[n].append(result["train_peak_memory_bytes"])
             log(f"memory {r + 1}/{repeats} {n}: {res[n][-1] / 2**20:.1f} MiB")
+    return res
+
+
+def measure_official_memory(python: str, worker: str, repo: str, image_size: Tuple[int, int],
+                            batch_size: int, threads: int, repeats: int) -> List[int]:
+    """Peak training memory of the authors' training step: ``repeats`` fresh processes of their
+    Python running ``worker --memory`` (:mod:`.official_train`, measured as ours)."""
+    res: List[int] = []
+    cmd = [python, worker, "--repo", repo, "--size", str(image_size[0]), str(image_size[1]),
+           "--batch", str(batch_size), "--memory"]
+    cmd += ["--threads", str(threads)] if threads else []
+    for r in range(repeats):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        result = parse_result(proc.stdout)
+        if proc.returncode != 0 or result is None:
+            raise RuntimeError(f"the authors' memory worker failed (exit {proc.returncode}):\n"
+                               f"{proc.stderr[-3000:]}")
+        res.append(result["train_peak_memory_bytes"])
+        log(f"memory {r + 1}/{repeats} official: {res[-1] / 2**20:.1f} MiB")
     return res
 
 

@@ -84,12 +84,13 @@ def ab_ratios(a: Dict[str, Any], b: Dict[str, Any],
 def official_ratios(times: Dict[str, Dict[str, List[float]]],
                     cpu: Dict[str, Dict[str, List[float]]],
                     official_res: Dict[str, Any]) -> Dict[str, Any]:
-    """Add the authors' spreads (``decoder_s``/``whole_s`` and ``*_cpu_s``) to ``official_res``;
+    """Add the authors' spreads (``decoder_s``/``whole_s``/``train_s``, ``*_cpu_s``) to
+    ``official_res``;
     return ``ratios_vs_official`` = authors' / ours per section (:func:`~.stats.speedups` and
     ``cpu`` = ratio of CPU-time medians)."""
     out: Dict[str, Any] = {}
     for key, what, label in (("decoder_only", "decoder-only", "decoder"),
-                             ("inference", "inference", "whole")):
+                             ("inference", "inference", "whole"), ("train", "train step", "train")):
         t = times.get(key, {})
         if "official" in t and "a" in t:
             official_res[f"{label}_s"] = spread(t["official"])
@@ -152,10 +153,13 @@ def _print_official(off: Dict[str, Any], vs: Dict[str, Any]) -> None:
     print(
         f"authors' reference ({off['python']}, torch {off['torch']}, {off['threads']} threads): "
         + ", ".join(f"{label} median {off[label + '_s']['median']:.4f} s"
-                    for label in ("decoder", "whole") if off.get(label + "_s"))
+                    for label in ("decoder", "whole", "train") if off.get(label + "_s"))
         + (f", decoder aten calls {calls}" if calls else "")
     )
     for label, sp in vs.items():
+        if not isinstance(sp, dict):
+            print(f"{label}: authors' / ours = {sp:.3f}x")
+            continue
         print(f"{label}: authors' / ours = {sp['median']:.3f}x (medians), "
               f"{sp['paired']:.3f}x (paired), {sp['cpu']:.3f}x (CPU time)")
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from .counts import count_flops, count_ops, count_syncs
 from .load import LoadMonitor
 from .log import log
-from .memory import measure_memory_cpu, measure_memory_cuda
+from .memory import measure_memory_cpu, measure_memory_cuda, measure_official_memory
 from .models import (
     build_model,
     is_stageinteractor,
@@ -27,12 +27,15 @@ from .models import (
 )
 from .report import ab_ratios, empty_result, official_ratios, print_summary, side_figures
 from .roofline import ROOFLINE_N, interleave_roofline, measure_once, roofline_figures, sgemm_fn
-from .stats import spread
+from .stats import ratio, spread
 from .steps import amp_dtype, decoder_fns, inference_fn, train_fn
 from .stress import Stressor, stress_summary
 from .timing import interleaved
 
-__all__ = ["run", "start_reference", "model_specs"]
+__all__ = ["run", "start_reference", "model_specs", "References", "TRAIN_WORKER"]
+
+#: the authors' training step worker (runs in their Python, by its path)
+TRAIN_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_train.py")
 
 Times = Dict[str, Dict[str, List[float]]]
 
@@ -46,9 +49,30 @@ def model_specs(args) -> Dict[str, Tuple[str, List[str]]]:
     return specs
 
 
-def start_reference(args, threads: int):
-    """(worker or None, skip reason or None); applies ``--malloc retain`` to this process and
-    passes it to the worker. Raises ``ReferenceSettingsError`` for unusable settings."""
+class References:
+    """The authors' workers of one run (:mod:`stageinteractor.official.reference_client`):
+    ``inference`` (decoder / backbone / whole / count; batch 1) and ``train`` (their training
+    step, :mod:`.official_train`), each None when not started; ``skip``: why there is no
+    comparison at all; ``inference_skip``: why only the training one."""
+
+    def __init__(self, skip: Optional[str] = None):
+        self.inference, self.train, self.skip, self.inference_skip = None, None, skip, None
+        self.python: Optional[str] = None
+        self.repo: Optional[str] = None
+
+    def pids(self) -> Tuple[int, ...]:
+        return tuple(w.proc.pid for w in (self.inference, self.train) if w is not None)
+
+    def close(self) -> None:
+        for w in (self.inference, self.train):
+            if w is not None:
+                w.close()
+
+
+def start_reference(args, threads: int) -> References:
+    """The authors' workers this run compares with (:class:`References`); applies ``--malloc
+    retain`` to this process and passes it to the workers. Raises ``ReferenceSettingsError``
+    for unusable settings."""
     from stageinteractor.official.reference_client import OfficialReference, resolve_reference
 
     worker_env = None
@@ -61,15 +85,28 @@ def start_reference(args, threads: int):
         worker_env = dict(GLIBC_ENV) if args._malloc_applied else None
         how = "applied" if args._malloc_applied else "not applicable (not glibc)"
         log(f"--malloc retain: {how}")
+    train = args.train and not args.decoder_only
     py, repo, skip = resolve_reference(
         args.official_python, args.official_repo, device=args.device, amp=args.amp,
-        compile=args.compile, batch_size=args.batch_size)
+        compile=args.compile, batch_size=args.batch_size, train=train)
+    refs = References(skip)
     if skip is not None:
         log(f"no same-run comparison with the authors' code: {skip}")
-        return None, skip
-    log(f"starting the authors' reference: {py} {args.official_worker} ({repo})")
-    return OfficialReference(py, repo, threads, args.image_size, worker=args.official_worker,
-                             env=worker_env), None
+        return refs
+    refs.python, refs.repo = py, repo
+    if args.batch_size == 1:
+        log(f"starting the authors' reference: {py} {args.official_worker} ({repo})")
+        refs.inference = OfficialReference(py, repo, threads, args.image_size,
+                                           worker=args.official_worker, env=worker_env)
+    else:
+        refs.inference_skip = (f"the inference reference runs batch 1 "
+                               f"(--batch-size {args.batch_size})")
+    if train:
+        worker = getattr(args, "official_train_worker", TRAIN_WORKER)
+        log(f"starting the authors' training step: {py} {worker} ({repo})")
+        refs.train = OfficialReference(py, repo, threads, args.image_size, worker=worker,
+                                       env=worker_env, extra_args=["--batch", str(args.batch_size)])
+    return refs
 
 
 def _build(args, specs) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
@@ -118,12 +155,20 @@ def _counts(args, n: str, m, r: Dict[str, Any]) -> None:
     r["host_syncs"] = count_syncs(m, args.batch_size, ch, cw)
 
 
-def _official_info(args, official, skip: Optional[str]) -> Dict[str, Any]:
+def _official_info(args, refs: References) -> Dict[str, Any]:
+    official = refs.inference or refs.train
     if official is None:
-        return {"skipped": skip}
+        return {"skipped": refs.skip}
     info = official.ready()
     out = {"python": official.python, "repo": official.repo, "torch": info.get("torch"),
            "threads": info.get("threads"), "size": info.get("size")}
+    if refs.train is not None:
+        out["train_batch"] = refs.train.ready().get("batch")
+        out["train_clip_grad_max_norm"] = 1.0
+    if refs.inference is None:
+        out["inference_skipped"] = refs.inference_skip
+        return out
+    official = refs.inference
     if args.count_ops:
         log("official: counting decoder aten calls")
         cnt = official.call("count")
@@ -132,8 +177,10 @@ def _official_info(args, official, skip: Optional[str]) -> Dict[str, Any]:
     return out
 
 
-def _time_sections(args, models, batches, extra: Dict[str, Callable], cpu: Times) -> Times:
-    """Interleaved timings of the sections: decoder-only, or inference (+ training step)."""
+def _time_sections(args, models, batches, extra: Dict[str, Callable], cpu: Times,
+                   train_extra: Dict[str, Callable]) -> Times:
+    """Interleaved timings of the sections: decoder-only, or inference (+ training step);
+    ``extra``/``train_extra``: further callables timed with the models (the authors', sgemm)."""
     times: Times = {}
     it, wu, dev = args.iters, args.warmup, args.device
     if args.decoder_only:
@@ -147,8 +194,9 @@ def _time_sections(args, models, batches, extra: Dict[str, Callable], cpu: Times
     times["inference"] = interleaved(dict(fns, **extra), it, wu, dev, "inference",
                                      cpu.setdefault("inference", {}))
     if args.train:
-        fns = {n: train_fn(m, batches[n], dev, args.amp) for n, m in models.items()}
-        times["train"] = interleaved(fns, it, wu, dev, "train step",
+        fns = {n: train_fn(m, batches[n], dev, args.amp, clip=args.clip_grad)
+               for n, m in models.items()}
+        times["train"] = interleaved(dict(fns, **train_extra), it, wu, dev, "train step",
                                      cpu.setdefault("train step", {}))
     return times
 
@@ -196,12 +244,32 @@ def _roofline(args, times: Times, res, once: Optional[List[float]]) -> Dict[str,
     return out
 
 
-def _measure(args, models, batches, res, official, monitor) -> Dict[str, Any]:
+def _memory(args, models, batches, res, refs: References, official_res) -> None:
+    """Peak training memory of the models (and of the authors' training step, CPU)."""
+    log("peak training memory")
+    if args.device == "cuda":
+        mem = measure_memory_cuda(models, batches, args.device, args.amp)
+    else:
+        mem = measure_memory_cpu(model_specs(args), args.memory_repeats, args.image_size,
+                                 args.batch_size, args.threads, args.amp, args.compile)
+    for n, r in res.items():
+        r["train_peak_memory_spread"] = spread(mem[n])
+        r["train_peak_memory_bytes"] = r["train_peak_memory_spread"]["median"]
+    if refs.train is not None:
+        theirs = measure_official_memory(refs.python, refs.train.worker, refs.repo, args.image_size,
+                                         args.batch_size, args.threads, args.memory_repeats)
+        official_res["train_peak_memory_spread"] = spread(theirs)
+        official_res["train_peak_memory_bytes"] = official_res["train_peak_memory_spread"]["median"]
+
+
+def _measure(args, models, batches, res, refs: References, monitor, official_res) -> Dict[str, Any]:
     """Timed sections, memory and stress; the results' figures filled in. Returns the parts of
     the JSON that are not per model."""
     import torch
 
+    official = refs.inference
     extra: Dict[str, Callable] = {}
+    train_extra = {} if refs.train is None else {"official": refs.train.fn("train")}
     if official is not None:
         extra["official"] = official.fn("decoder" if args.decoder_only else "whole")
     sgemm, once = None, None
@@ -211,34 +279,38 @@ def _measure(args, models, batches, res, official, monitor) -> Dict[str, Any]:
         else:
             once = measure_once(args.device, args.iters)
     cpu: Times = {}
-    times = _time_sections(args, models, batches, extra, cpu)
+    times = _time_sections(args, models, batches, extra, cpu, train_extra)
     for n, r in res.items():
         side_figures(r, n, times, cpu, args.batch_size)
     load = monitor.result()  # load of the timed sections (memory workers and stress excluded)
     if args.train and not args.decoder_only and args.memory_repeats > 0:
-        log("peak training memory")
-        if args.device == "cuda":
-            mem = measure_memory_cuda(models, batches, args.device, args.amp)
-        else:
-            mem = measure_memory_cpu(model_specs(args), args.memory_repeats, args.image_size,
-                                     args.batch_size, args.threads, args.amp, args.compile)
-        for n, r in res.items():
-            r["train_peak_memory_spread"] = spread(mem[n])
-            r["train_peak_memory_bytes"] = r["train_peak_memory_spread"]["median"]
+        _memory(args, models, batches, res, refs, official_res)
     for r in res.values():
         r["load_info"]["load"] = load
     return {"torch_threads": torch.get_num_threads(), "load": load, "times": times, "cpu": cpu,
             "stress": _stress(args, models, batches, official, sgemm), "roofline_once": once}
 
 
-def run(args, official=None, official_skip: Optional[str] = None) -> Dict[str, Any]:
-    """The whole benchmark with an already started reference worker (or its skip reason);
-    prints the summary, writes ``args.json``, returns the JSON document."""
+def _vs_official(times: Times, cpu: Times, official_res, a) -> Dict[str, Any]:
+    """``ratios_vs_official`` (authors' / ours), with the peak training memory when measured."""
+    out = official_ratios(times, cpu, official_res)
+    theirs = official_res.get("train_peak_memory_bytes")
+    if theirs is not None:
+        out["train_peak_memory_bytes"] = ratio(theirs, a["train_peak_memory_bytes"])
+    return out
+
+
+def run(args, refs: Optional[References] = None) -> Dict[str, Any]:
+    """The whole benchmark with the already started workers of the authors' code (or the reason
+    why there are none); prints the summary, writes ``args.json``, returns the JSON document."""
     import torch
 
+    refs = refs if refs is not None else References("authors' reference not started")
+    if refs.train is not None and args.clip_grad is None:
+        args.clip_grad = 1.0  # as theirs (optimizer_config) and our configs' train.clip_grad
     specs = model_specs(args)
     names = list(specs)
-    monitor = LoadMonitor(live_pids=(official.proc.pid,) if official is not None else ())
+    monitor = LoadMonitor(live_pids=refs.pids())
     models, batches, res = _build(args, specs)
     for n in names:
         _counts(args, n, models[n], res[n])
@@ -248,8 +320,8 @@ def run(args, official=None, official_skip: Optional[str] = None) -> Dict[str, A
                 m.decoder = torch.compile(m.decoder)
             else:
                 models[n] = torch.compile(m)
-    official_res = _official_info(args, official, official_skip)
-    meas = _measure(args, models, batches, res, official, monitor)
+    official_res = _official_info(args, refs)
+    meas = _measure(args, models, batches, res, refs, monitor, official_res)
     times = meas["times"]
     out = {
         "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
@@ -262,7 +334,7 @@ def run(args, official=None, official_skip: Optional[str] = None) -> Dict[str, A
         "ratios": ab_ratios(res["a"], res["b"], times) if "b" in res else {},
         "stress": meas["stress"],
         "official": official_res,
-        "ratios_vs_official": official_ratios(times, meas["cpu"], official_res),
+        "ratios_vs_official": _vs_official(times, meas["cpu"], official_res, res["a"]),
         "roofline": _roofline(args, times, res, meas["roofline_once"]),
     }
     if args.amp:

@@ -54,15 +54,16 @@ class TrainStep:
 
     With ``amp`` on CUDA the loss is scaled by a ``torch.amp.GradScaler("cuda")`` and the step
     goes through it (``scaler.step`` + ``scaler.update``), as in training; ``scaler`` is None
-    otherwise.
+    otherwise. ``clip``: a max norm for the global L2 gradient norm clipping of training (after
+    unscaling), None = no clipping.
     """
 
-    def __init__(self, model, batch, device: str, amp: bool):
+    def __init__(self, model, batch, device: str, amp: bool, clip: Optional[float] = None):
         import torch
 
-        self.model, self.batch, self.device, self.amp = model, batch, device, amp
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=1e-6, weight_decay=1e-4)
+        self.model, self.batch, self.device, self.amp, self.clip = model, batch, device, amp, clip
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-6, weight_decay=1e-4)
         self.scaler: Optional[Any] = None
         if amp and str(device).startswith("cuda"):
             self.scaler = torch.amp.GradScaler("cuda")
@@ -77,16 +78,23 @@ class TrainStep:
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is None:
             loss.backward()
-            self.opt.step()
         else:
             self.scaler.scale(loss).backward()
+        if self.clip is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None],
+                                           max_norm=self.clip, norm_type=2.0)
+        if self.scaler is None:
+            self.opt.step()
+        else:
             self.scaler.step(self.opt)
             self.scaler.update()
 
 
-def train_fn(model, batch, device: str, amp: bool) -> TrainStep:
+def train_fn(model, batch, device: str, amp: bool, clip: Optional[float] = None) -> TrainStep:
     """:class:`TrainStep` (a callable)."""
-    return TrainStep(model, batch, device, amp)
+    return TrainStep(model, batch, device, amp, clip)
 
 
 def decoder_fns(model, batch, device: str,

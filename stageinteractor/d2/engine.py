@@ -14,9 +14,8 @@
 * :func:`truncate_metrics`: drop ``metrics.json`` records at or after the resume iteration.
 
 The command-line checks (strict overrides, switch values, checkpoint files, ``--resume``) are
-the tools' front: :mod:`stageinteractor.d2.cli` and :mod:`stageinteractor.d2.checkpoint_files`.
-``apply_overrides_strict``, ``check_checkpoint_file``, ``ConfigError`` and
-``CheckpointFileError`` stay importable from here for code written against the old homes.
+the tools' front: :mod:`stageinteractor.d2.cli` and :mod:`stageinteractor.d2.checkpoint_files`;
+the user-error types are in :mod:`stageinteractor.errors`.
 """
 from __future__ import annotations
 
@@ -34,15 +33,12 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import SimpleTrainer
 from detectron2.utils import comm
 
-from stageinteractor.errors import CheckpointFileError, ConfigError
+from stageinteractor.errors import CheckpointFileError
 
 from .checkpoint import ImageNetInitMixin
-from .checkpoint_files import check_checkpoint as check_checkpoint_file
-from .cli import apply_overrides_strict
 from .deferred_scalars import deferring, take_pending, write_scalars
 
-__all__ = ["ConfigError", "CheckpointFileError", "AtomicCheckpointer", "Trainer",
-           "make_grad_scaler", "create_ddp_model", "apply_overrides_strict", "check_checkpoint_file",
+__all__ = ["AtomicCheckpointer", "Trainer", "make_grad_scaler", "create_ddp_model",
            "truncate_metrics", "atomic_write_bytes", "swin_optimizer_params",
            "authors_parameter_names", "SWIN_NO_DECAY_KEYS"]
 

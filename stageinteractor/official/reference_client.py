@@ -48,16 +48,17 @@ class ReferenceSettingsError(UserError, ValueError):
 
 def resolve_reference(
     python: Optional[str], repo: Optional[str], *, device: str, amp: bool, compile: bool,
-    batch_size: int, environ: Mapping[str, str] = os.environ,
+    batch_size: int, train: bool = False, environ: Mapping[str, str] = os.environ,
 ) -> Tuple[Optional[str], Optional[str], Optional[str]]:
     """(python, repo, None) of the authors' environment, or (None, None, one-line reason why
     the comparison is skipped).
 
     ``python``/``repo`` default to ``$OFFICIAL_PY``/``$OFFICIAL_REPO``. Not given: skipped. A
     python or repository that does not exist raises :class:`ReferenceSettingsError` (never a
-    silent skip). The reference runs float32 eager CPU batch 1 only: other settings raise when
-    the paths were given explicitly, and are skipped with a reason when they came from the
-    environment variables (a machine-wide default must not fail every other run).
+    silent skip). The reference runs float32 eager CPU only, and batch 1 unless ``train`` (the
+    training reference takes any batch): other settings raise when the paths were given
+    explicitly, and are skipped with a reason when they came from the environment variables (a
+    machine-wide default must not fail every other run).
     """
     explicit = python is not None or repo is not None
     py = python or environ.get("OFFICIAL_PY")
@@ -72,8 +73,8 @@ def resolve_reference(
         raise ReferenceSettingsError(f"authors' reference: python {py!r} does not exist")
     if not os.path.isdir(rp):
         raise ReferenceSettingsError(f"authors' reference: repository {rp!r} is not a directory")
-    if device != "cpu" or amp or compile or batch_size != 1:
-        reason = "authors' reference: only for float32 eager CPU runs of batch 1"
+    if device != "cpu" or amp or compile or (batch_size != 1 and not train):
+        reason = "authors' reference: only for float32 eager CPU runs (of batch 1 but --train)"
         if explicit:
             raise ReferenceSettingsError(reason)
         return None, None, reason + " ($OFFICIAL_PY/$OFFICIAL_REPO not used)"

@@ -226,6 +226,10 @@ def test_reference_settings(tmp_path):
         rc.resolve_reference(py, repo, environ={}, **gpu)
     py2, _, why = rc.resolve_reference(None, None, environ=env, **gpu)  # a machine-wide default
     assert py2 is None and "not used" in why
+    two = dict(kw, batch_size=2)
+    with pytest.raises(rc.ReferenceSettingsError, match="batch 1"):
+        rc.resolve_reference(py, repo, environ={}, **two)
+    assert rc.resolve_reference(py, repo, environ={}, train=True, **two) == (py, repo, None)
 
 
 ECHO_WORKER = r'''

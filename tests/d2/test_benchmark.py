@@ -452,3 +452,78 @@ def test_memory_worker_reports_a_positive_peak():
     model, _ = build_model(DEMO, TINY, "cpu")
     params = param_counts(model)["total"]
     assert len(res["a"]) == 1 and res["a"][0] >= 4 * params  # float32 weights at least
+
+
+# ------------------------------------------------------------------ issue 23 item 5
+FAKE_TRAIN_WORKER = r'''
+import json, sys
+args = sys.argv[1:]
+if "--memory" in args:
+    print("MEMORY_RESULT " + json.dumps({"train_peak_memory_bytes": 3 * 2**20}), flush=True)
+    sys.exit(0)
+batch = int(args[args.index("--batch") + 1])
+print(json.dumps({"ready": True, "torch": "fake", "threads": 1, "size": [64, 96], "batch": batch}),
+      flush=True)
+for line in sys.stdin:
+    cmd = line.strip()
+    if cmd == "quit":
+        print(json.dumps({"bye": True}), flush=True)
+        break
+    print(json.dumps({"wall_s": 3.0, "cpu_s": 2.0} if cmd == "train" else {"error": cmd}),
+          flush=True)
+'''
+
+
+def test_training_step_against_the_authors(bench, tmp_path):
+    """--train with the authors' environment: their training step (a fake worker reporting 3 s,
+    2 s CPU, 3 MiB) timed interleaved with ours, batch 2 (the inference reference is batch 1
+    only: not started), our step clipped like theirs, peak memories side by side."""
+    train_worker = tmp_path / "fake_train.py"
+    train_worker.write_text(FAKE_TRAIN_WORKER)
+    out = tmp_path / "train.json"
+    bench.main(["--config-file", DEMO, "--image-size", "64", "96", "--iters", "2", "--warmup", "0",
+                "--train", "--batch-size", "2", "--no-flops", "--no-roofline", "--threads", "1",
+                "--memory-repeats", "1", "--json", str(out), *_fake_reference(tmp_path),
+                "--official-train-worker", str(train_worker), *TINY])
+    data = json.loads(out.read_text())
+    off, vs, a = data["official"], data["ratios_vs_official"], data["a"]
+    assert off["train_batch"] == 2 and "batch 1" in off["inference_skipped"]
+    assert off["train_s"]["median"] == 3.0 and off["train_cpu_s"]["median"] == 2.0
+    assert vs["train"]["median"] == pytest.approx(3.0 / a["train_step_s"])
+    assert vs["train"]["cpu"] == pytest.approx(2.0 / a["train_cpu_s_spread"]["median"])
+    assert off["train_peak_memory_bytes"] == 3 * 2**20
+    assert vs["train_peak_memory_bytes"] == pytest.approx(3 * 2**20 / a["train_peak_memory_bytes"])
+    assert data["settings"]["clip_grad"] == 1.0 and "whole" not in vs
+
+
+def test_training_step_clips_the_global_gradient_norm():
+    """--clip-grad: the gradient (3, 4, 0) (norm 5) is scaled to norm 1 before the step."""
+    from stageinteractor.benchmark.steps import TrainStep
+
+    class Lin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+
+        def forward(self, x):
+            return {"loss": (self.w * x).sum()}
+
+    model = Lin()
+    TrainStep(model, torch.tensor([3.0, 4.0, 0.0], dtype=torch.float64), "cpu", False, clip=1.0)()
+    assert torch.allclose(model.w.grad, torch.tensor([0.6, 0.8, 0.0], dtype=torch.float64))
+    TrainStep(model, torch.tensor([0.3, 0.4, 0.0], dtype=torch.float64), "cpu", False, clip=1.0)()
+    assert torch.allclose(model.w.grad, torch.tensor([0.3, 0.4, 0.0], dtype=torch.float64))
+
+
+def test_authors_training_batch_by_hand():
+    """The authors' training worker's batch (no mmdet needed): 8 boxes per image inside it,
+    labels in [0, 80), metas of the padded size."""
+    from stageinteractor.benchmark.official_train import training_batch
+
+    img, metas, boxes, labels = training_batch(2, 64, 96, seed=0)
+    assert img.shape == (2, 3, 64, 96) and len(metas) == len(boxes) == len(labels) == 2
+    for b, lab, m in zip(boxes, labels, metas):
+        assert b.shape == (8, 4) and bool((b[:, 2:] > b[:, :2]).all())
+        assert bool((b[:, 0] >= 0).all()) and bool((b[:, 2] <= 96 * (0.7 + 0.3)).all())
+        assert bool((b[:, 3] <= 64 * (0.7 + 0.3)).all()) and lab.max() < 80 and lab.min() >= 0
+        assert m["pad_shape"] == (64, 96, 3) and m["batch_input_shape"] == (64, 96)
