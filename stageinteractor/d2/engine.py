@@ -312,7 +312,7 @@ def authors_parameter_names(model: torch.nn.Module) -> Dict[str, str]:
     parts joined by ``+``). Backbone and neck names are not in the dict: ours carry the same
     ``norm`` / ``relative_position_bias_table`` substrings as the authors' (the checkpoint
     converter's renames only touch other parts of those names)."""
-    from stageinteractor.core.official_layout import DecoderHParams, FusedMap, decoder_key_maps
+    from stageinteractor.official.layout import DecoderHParams, FusedMap, decoder_key_maps
 
     decoder = getattr(model, "decoder", None)
     stages = getattr(decoder, "stages", None)
@@ -321,7 +321,8 @@ def authors_parameter_names(model: torch.nn.Module) -> Dict[str, str]:
     out = {}
     for m in decoder_key_maps(DecoderHParams(num_stages=len(stages))):
         if m.ours is not None:
-            out["decoder." + m.ours] = "+".join(m.officials) if isinstance(m, FusedMap) else m.official
+            theirs = "+".join(m.officials) if isinstance(m, FusedMap) else m.official
+            out["decoder." + m.ours] = theirs
     return out
 
 

@@ -29,7 +29,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
-from stageinteractor.core.testing.official_fixture import OfficialFixture, load_fixture
+from stageinteractor.official.fixture import OfficialFixture, load_fixture
 from stageinteractor.official.gradient_fixture import (
     FORMAT_VERSION,
     feature_name,
@@ -37,7 +37,8 @@ from stageinteractor.official.gradient_fixture import (
     record_summaries,
 )
 
-__all__ = ["CONFIG", "build_model", "image_metas", "training_grads", "optimizer_step", "make_fixture"]
+__all__ = ["CONFIG", "build_official_model", "image_metas", "training_grads", "optimizer_step",
+           "make_fixture"]
 
 CONFIG = "configs/stageinteractor/stageinteractor_r50_1x_coco.py"
 DECODER_PREFIXES = ("rpn_head.", "roi_head.")
@@ -47,7 +48,7 @@ def _log(msg: str) -> None:
     print(f"[gradient_worker] {msg}", file=sys.stderr, flush=True)
 
 
-def build_model(repo: str, sd: Dict[str, torch.Tensor]):
+def build_official_model(repo: str, sd: Dict[str, torch.Tensor]):
     """(detector, mmcv Config) of the authors' R50-100q config with decoder weights ``sd``
     (``rpn_head.*`` / ``roi_head.*`` official keys).
 
@@ -141,11 +142,11 @@ def optimizer_step(model, cfg) -> Tuple[float, Dict[str, object]]:
     groups = optimizer.param_groups
     if len(groups) != 1:
         raise ValueError(f"expected one param group (no paramwise_cfg), got {len(groups)}")
-    g = groups[0]
+    g, clip = groups[0], cfg.optimizer_config.grad_clip
     settings = dict(type=type(optimizer).__name__, lr=g["lr"], base_lr=lr_hook.regular_lr[0],
                     betas=list(g["betas"]), eps=g["eps"], weight_decay=g["weight_decay"],
-                    amsgrad=g["amsgrad"], max_norm=float(cfg.optimizer_config.grad_clip["max_norm"]),
-                    norm_type=float(cfg.optimizer_config.grad_clip["norm_type"]),
+                    amsgrad=g["amsgrad"], max_norm=float(clip["max_norm"]),
+                    norm_type=float(clip["norm_type"]),
                     warmup=lr_cfg.get("warmup"), warmup_iters=lr_cfg.get("warmup_iters"),
                     warmup_ratio=lr_cfg.get("warmup_ratio"), iteration=0)
     return float(norm), settings
@@ -164,7 +165,7 @@ def make_fixture(repo: str, forward_fixture_dir: str) -> Dict[str, object]:
     fx = load_fixture(forward_fixture_dir)
     A = fx.rules.A
     sd = fx.official_state_dict()
-    model, cfg = build_model(repo, sd)
+    model, cfg = build_official_model(repo, sd)
     out: Dict[str, object] = {}
     t0 = time.perf_counter()
     loss32, total32, g32, f32, none32 = training_grads(model, fx, torch.float32)

@@ -3,30 +3,33 @@
 Fixture: ``tests/fixtures/official_gradient_parity`` (README there), written by
 ``tools/make_official_gradient_fixture.py`` running the authors' code on the forward parity
 fixture's weights, inputs and ground truths: the gradient of their total training loss with
-respect to every decoder parameter (official keys) and the four input maps, in float32 and in
+respect to every decoder parameter (official keys) and the four input maps, in float32 and
 float64, as summaries (norm, probe dot product, 32 entries), and one clipped AdamW step.
 
-Here our decoder + criterion run the same step in float32 and float64 (weights and inputs are
-the same float32 values, cast up for float64); our gradients are put into the official layout
-(``decoder_ours_to_official``: fused generator blocks split) and summarised the same way.
+Our decoder + criterion run the same step (float32; float64 in the slow tests, weights and
+inputs the same float32 values cast up); our gradients are put into the official layout
+(``decoder_ours_to_official`` splits the fused generator blocks) and summarised the same way.
 
-Tolerances (derived from our own float32 round-off, measured in the same run):
+Tolerances, per key, from a float32 floor F = ||g32 - g64||_2 (relative r = F / ||g||):
 
-* float32 vs the authors' float32, per key with our own floor ``F = ||g32 - g64||_2`` (ours):
-  norm ``|n - n_ref| <= C F``; entry i ``|g_i - ref_i| <= C max(|g32_i - g64_i|, F / sqrt(n))``;
-  probe ``|<p, g - ref>| <= 5 C F rms(p)`` (5 sigma of a random probe against an error of norm
-  C F); ``C = 4`` (``FLOOR_FACTOR``): the authors' float32 error is another draw of the same
-  size (their floor / ours per key: median ~1, 99th percentile < 2 on this fixture).
-  At stages 4-5 the floor of the sampling-offset generators (gen_one_d / gen_double_d) is
-  1-2 % of the gradient norm: the white-noise feature maps make bilinear sampling chaotic.
-* float64 vs the authors' float64: ``|x - ref| <= RTOL64 * scale + ATOL64 * scale`` with the
-  key's float64 norm as scale (entries: the key's rms), ``RTOL64 = 1e-6``: a few float32-rounded
-  constants differ between the two codes (e.g. the position-encoding frequencies, stored as
-  float32 buffers here), which moves float64 results by ~1e-7 relative; a real gradient
-  difference is >= the float32 floor (~1e-3).
-* The AdamW step: the clip norm within ``C sqrt(sum F^2)``; each recorded parameter after the
-  step within 2 ulp + lr * (the change of the Adam direction g/(|g| + eps) over the entry's
-  gradient tolerance).
+* the slow tests derive F from **our own** float32 vs float64 gradients, run here;
+* the fast tests take F from the fixture (the authors' own float32 error), at least 1e-4 of
+  the gradient norm: ``test_our_floor_is_not_larger_than_the_authors`` (slow) checks that ours
+  is at most 4x theirs or below that 1e-4 (measured, ours / theirs per key: median 1.13,
+  0.44 .. 69; the 69 is stage 3's classification branch, 1.9e-5 relative for us, 2.8e-7 for
+  them).
+
+With C = FLOOR_FACTOR = 4 (the authors' float32 error is another draw of the same size): norm
+within C F; probe within 5 C F rms(probe) (5 sigma of a random probe against an error vector
+of norm C F); entry i within E max(entry floor_i, r max|g|), the entry floor being our
+|g32_i - g64_i| plus theirs (slow, E = C) or twice theirs (fast, E = ENTRY_FACTOR_FAST = 16:
+entries of the sampling-offset generators are heavy-tailed, measured up to 9.3x). At stages
+4-5 the floor of the sampling-offset generators (gen_one_d / gen_double_d) is ~1 % of the
+gradient norm and single entries differ by up to ~5 % of the key's largest entry.
+
+The AdamW step (fast): the clip norm within C sqrt(sum F^2); each recorded parameter after the
+step within 2 ulp + lr x (the change of Adam's first-step direction g / (|g| + eps) over the
+entry's gradient tolerance).
 
 ``GRAD_MEASURED`` (printed with ``pytest -s``) holds the per-stage maxima.
 """
@@ -44,13 +47,16 @@ from stageinteractor.core import (
     StageInteractorCriterion,
     StageInteractorDecoder,
 )
-from stageinteractor.core.official_layout import DecoderHParams, decoder_official_to_ours, decoder_ours_to_official
-from stageinteractor.core.testing.official_fixture import find_parity_fixture, load_fixture
+from stageinteractor.official.layout import (
+    DecoderHParams,
+    decoder_official_to_ours,
+    decoder_ours_to_official,
+)
+from stageinteractor.official.fixture import find_parity_fixture, load_fixture
 from stageinteractor.official.gradient_fixture import (
     feature_name,
     find_gradient_fixture,
     load_gradient_fixture,
-    probe,
     summarize,
 )
 
@@ -105,9 +111,10 @@ def _step(fx, hp, ours_sd, dtype):
     total = sum(losses.values())
     total.backward()
     missing = [n for n, p in dec.named_parameters() if p.grad is None]
-    grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in dec.named_parameters()}
-    official = dict(decoder_ours_to_official(grads, hp))  # copies: clipping must not touch them
-    official.update({feature_name(l): f.grad.clone() for l, f in enumerate(feats)})
+    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p))
+             for n, p in dec.named_parameters()}
+    official = dict(decoder_ours_to_official(grads, hp))  # may share storage with p.grad
+    official.update({feature_name(l): f.grad for l, f in enumerate(feats)})
     return dec, official, float(total.detach()), missing
 
 
@@ -116,13 +123,15 @@ def run32(fx, hp):
     official_sd = fx.official_state_dict()
     ours_sd, dropped = decoder_official_to_ours(official_sd, hp)
     dec, g32, total32, missing = _step(fx, hp, ours_sd, torch.float32)
-    return dict(dec=dec, ours_sd=ours_sd, official_sd=official_sd, dropped=dropped, g32=g32,
-                total32=total32, missing=missing)
+    return dict(dec=dec, official_sd=official_sd, dropped=dropped, g32=g32, total32=total32,
+                missing=missing)
 
 
 @pytest.fixture(scope="module")
 def run64(fx, hp, run32):
-    _, g64, total64, missing = _step(fx, hp, run32["ours_sd"], torch.float64)
+    ours_sd, _ = decoder_official_to_ours(run32["official_sd"], hp)
+    _, g64, total64, missing = _step(fx, hp, ours_sd, torch.float64)
+    del ours_sd
     assert missing == []
     return dict(g64=g64, total64=total64)
 
@@ -190,7 +199,8 @@ def _compare(gfx, grads, floors, precision):
 
 
 def _print(title, per_stage):
-    print(f"\nGRAD {title}: " + "  ".join(f"{k}={v:.2e}" for k, v in sorted(per_stage.items(), key=lambda kv: str(kv[0]))))
+    items = sorted(per_stage.items(), key=lambda kv: str(kv[0]))
+    print(f"\nGRAD {title}: " + "  ".join(f"{k}={v:.2e}" for k, v in items))
 
 
 def _fail(failures):
@@ -239,10 +249,14 @@ def test_clipped_adamw_step_matches(gfx, run32, hp):
     floors = _authors_floors(gfx)
     dec = run32["dec"]
     params = [p for p in dec.parameters() if p.grad is not None]
-    opt = torch.optim.AdamW(params, lr=gfx.lr, betas=gfx.betas, eps=gfx.eps, weight_decay=gfx.weight_decay)
+    for p in params:  # the recorded gradients (which may share these tensors) stay unclipped
+        p.grad = p.grad.clone()
+    opt = torch.optim.AdamW(params, lr=gfx.lr, betas=gfx.betas, eps=gfx.eps,
+                            weight_decay=gfx.weight_decay)
     norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm=gfx.max_norm, norm_type=2.0))
     ref_norm = float(gfx.expected["step/clip_norm"])
-    tol_norm = FLOOR_FACTOR * math.sqrt(sum(f[0] ** 2 for n, f in floors.items() if not n.startswith("feat")))
+    tol_norm = FLOOR_FACTOR * math.sqrt(sum(f[0] ** 2 for n, f in floors.items()
+                                            if not n.startswith("feat")))
     assert abs(norm - ref_norm) <= tol_norm, (norm, ref_norm, tol_norm)
     opt.step()
     after = decoder_ours_to_official({n: p.detach() for n, p in dec.named_parameters()}, hp)
@@ -262,14 +276,16 @@ def test_clipped_adamw_step_matches(gfx, run32, hp):
         scale = float(gfx.summary("64", name)["values"].abs().max())
         dg = E * torch.clamp(F_pos, min=r * scale) * clip
         f = lambda x: x / (x.abs() + gfx.eps)  # noqa: E731
-        direction_tol = torch.maximum((f(g_ref + dg) - f(g_ref)).abs(), (f(g_ref) - f(g_ref - dg)).abs())
+        direction_tol = torch.maximum((f(g_ref + dg) - f(g_ref)).abs(),
+                                      (f(g_ref) - f(g_ref - dg)).abs())
         ulp = torch.from_numpy(np.spacing(np.abs(ref_after.float().numpy())).astype(np.float64))
         tol = 2 * ulp + gfx.lr * direction_tol
         err = (got - ref_after).abs()
         moved += int((ref_after != before[name].reshape(-1)[pos].double()).sum())
         if (err > tol).any():
             i = int((err - tol).argmax())
-            failures.append(f"{name} entry {int(pos[i])}: {float(got[i]):.9g} vs {float(ref_after[i]):.9g} "
+            failures.append(f"{name} entry {int(pos[i])}: {float(got[i]):.9g} vs "
+                            f"{float(ref_after[i]):.9g} "
                             f"(tol {float(tol[i]):.3g})")
     _fail(failures)
     assert moved > 1000  # the step is visible at float32 resolution for most entries
@@ -324,5 +340,6 @@ def test_our_floor_is_not_larger_than_the_authors(gfx, run32, run64):
             bad[n] = (F / norm, gfx.floor(n) / norm)
     v = sorted(ratios.values())
     GRAD_MEASURED["floor_ratio_ours_theirs"] = (v[0], v[len(v) // 2], v[-1])
-    print(f"\nGRAD our floor / their floor per key: min {v[0]:.2f} median {v[len(v) // 2]:.2f} max {v[-1]:.2f}")
+    print(f"\nGRAD our floor / their floor per key: min {v[0]:.2f} median {v[len(v) // 2]:.2f} "
+          f"max {v[-1]:.2f}")
     assert not bad, bad

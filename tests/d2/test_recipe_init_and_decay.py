@@ -32,7 +32,8 @@ from stageinteractor.d2.checkpoint import (  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.py")
-                 if "common" not in p.relative_to(REPO / "configs").parts and p.name != "__init__.py")
+                 if "common" not in p.relative_to(REPO / "configs").parts
+                 and p.name != "__init__.py")
 
 # Files known to be published, with the layout their state dict has (checked by hand against
 # the publishers' pages: detectron2 MODEL_ZOO.md "ImageNet Pretrained Models", torchvision's
@@ -43,7 +44,8 @@ PUBLISHED = {
     "detectron2://ImageNetPretrained/torchvision/R-50.pkl": "d2",
     "https://download.pytorch.org/models/resnet50-0676ba61.pth": "torchvision",
     "https://download.pytorch.org/models/resnet101-63fe2227.pth": "torchvision",
-    "https://download.openmmlab.com/pretrain/third_party/resnext101_32x4d-a5af3160.pth": "torchvision",
+    "https://download.openmmlab.com/pretrain/third_party/"
+    "resnext101_32x4d-a5af3160.pth": "torchvision",
     "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/"
     "swin_small_patch4_window7_224.pth": "swin",
 }
@@ -125,19 +127,21 @@ def test_r101_trains_from_a_local_torchvision_resnet101(tmp_path):
     for k in frozen:
         assert torch.equal(final[k], mapped[k]), k
     assert torch.equal(final["backbone.stem.conv1.weight"], sd["conv1.weight"])
-    assert torch.equal(final["backbone.res5.2.conv3.norm.running_var"], sd["layer4.2.bn3.running_var"])
+    assert torch.equal(final["backbone.res5.2.conv3.norm.running_var"],
+                       sd["layer4.2.bn3.running_var"])
 
 
 # ------------------------------------------------------------------------------ Swin-S decay
 
 def _mmcv_no_decay(official_name):
     """The authors' paramwise_cfg (custom_keys, substring match, decay_mult 0)."""
-    return any(k in official_name for k in ("absolute_pos_embed", "relative_position_bias_table", "norm"))
+    keys = ("absolute_pos_embed", "relative_position_bias_table", "norm")
+    return any(k in official_name for k in keys)
 
 
 def test_swin_s_weight_decay_follows_the_authors_names():
-    from stageinteractor.d2.official_checkpoint import key_maps
-    from stageinteractor.core.official_layout import FusedMap
+    from stageinteractor.official.checkpoint import key_maps
+    from stageinteractor.official.layout import FusedMap
 
     cfg = _cfg("configs/stageinteractor/stageinteractor_swin_s_300q_crop_mstrain_3x.py")
     model = instantiate(cfg.model)
@@ -159,7 +163,8 @@ def test_swin_s_weight_decay_follows_the_authors_names():
         assert wd == want, f"{name} (theirs {official[name]}): weight decay {wd}, authors {want}"
 
     # by hand, one stage of the decoder: which LayerNorms are decayed
-    st = {n[len("decoder.stages.3."):]: wd for n, wd in decay_of.items() if n.startswith("decoder.stages.3.")}
+    pre = "decoder.stages.3."
+    st = {n[len(pre):]: wd for n, wd in decay_of.items() if n.startswith(pre)}
     for ln in ("attention_norm", "ffn_norm", "mixing.out_norm"):
         assert st[f"{ln}.weight"] == 0.0 and st[f"{ln}.bias"] == 0.0, ln
     for ln in ("cls_norm", "reg_norm"):
@@ -168,3 +173,39 @@ def test_swin_s_weight_decay_follows_the_authors_names():
     assert decay_of["neck.gn_out.weight"] == 1e-4
     assert decay_of["backbone.layers.0.blocks.0.norm1.weight"] == 0.0
     assert decay_of["backbone.layers.0.blocks.0.attn.relative_position_bias_table"] == 0.0
+
+
+# ------------------------------------------------------------------------------ R50 optimiser
+
+def test_r50_optimizer_step_settings_are_the_authors_recorded_ones():
+    """The settings of the step the gradient fixture recorded from the authors' optimizer and
+    hooks (tests/fixtures/official_gradient_parity, meta/optimizer_json) are what the R50
+    config builds: AdamW, lr at iteration 0 of the warm-up, betas, eps, weight decay on every
+    parameter, global L2 clipping at 1.0, 500 warm-up iterations."""
+    import json
+
+    from stageinteractor.official.gradient_fixture import find_gradient_fixture
+
+    directory = find_gradient_fixture()
+    if directory is None:
+        pytest.skip("official gradient fixture not found")
+    expected = torch.load(directory / "expected.pt", weights_only=True)
+    meta = json.loads(str(expected["meta/optimizer_json"]))
+    cfg = _cfg("configs/stageinteractor/stageinteractor_r50_100q_1x.py")
+    model = instantiate(cfg.model)
+    cfg.optimizer.params.model = model
+    opt = instantiate(cfg.optimizer)
+    sched = instantiate(cfg.lr_multiplier)
+    assert type(opt).__name__ == meta["type"] == "AdamW"
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(trainable)
+    for g in opt.param_groups:
+        assert g["weight_decay"] == meta["weight_decay"] and list(g["betas"]) == meta["betas"]
+        assert g["eps"] == meta["eps"] and g["amsgrad"] == meta["amsgrad"]
+        assert g["lr"] == meta["base_lr"]
+        assert abs(g["lr"] * sched(0.0) - meta["lr"]) <= 1e-12 * meta["lr"]
+    w = meta["warmup_iters"] / cfg.train.max_iter
+    assert meta["warmup"] == "linear" and sched(w) == 1.0 and sched(w * (1 - 1e-3)) < 1.0
+    clip = cfg.train.clip_grad
+    assert clip.enabled and clip.params.max_norm == meta["max_norm"]
+    assert clip.params.norm_type == meta["norm_type"]
