@@ -17,6 +17,7 @@ so that placement, leaf/non-leaf, aliasing and device-branch mistakes fail on a 
 
 * ``meta``: forward **and** backward, no values; devices, shapes, dtypes and the autograd graph
   are real, a CPU tensor mixed in raises, a host read (``.item()``, ``.cpu()``) raises.
+  (autocast has no ``meta`` type: inside :meth:`Accel.run` its queries answer as for the CPU.)
 * ``fake_cuda``: ``FakeTensorMode`` with the tensors on ``cuda``: ``is_cuda`` is true, so the
   CUDA branches run; a CPU tensor mixed in raises ``FakeTensorDeviceMismatchError``, a host read
   raises ``DataDependentOutputException``. Forward only (backward needs a CUDA context).
@@ -301,6 +302,30 @@ def _probe_mode(probe):
     return _Mode()
 
 
+@contextlib.contextmanager
+def _autocast_knows_meta():
+    """torch's autocast has no ``meta`` device type (``torch.autocast("meta", ...)`` and
+    ``torch.is_autocast_enabled("meta")`` raise): while a model runs on ``meta`` they answer
+    as for the CPU (autocast off), so that code which queries or disables autocast for its
+    tensors' device runs there."""
+    torch = importlib.import_module("torch")
+    real_autocast, real_enabled = torch.autocast, torch.is_autocast_enabled
+
+    def autocast(device_type, *args, **kwargs):
+        return real_autocast("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+    def is_autocast_enabled(*args):
+        if args and str(args[0]) == "meta":
+            args = ("cpu",) + args[1:]
+        return real_enabled(*args)
+
+    torch.autocast, torch.is_autocast_enabled = autocast, is_autocast_enabled
+    try:
+        yield
+    finally:
+        torch.autocast, torch.is_autocast_enabled = real_autocast, real_enabled
+
+
 class Accel:
     """The device of a ``gpu`` test: ``cuda``, or a stand-in (``meta`` / ``fake_cuda``).
 
@@ -328,7 +353,8 @@ class Accel:
     def build(self, factory, *args, **kwargs):
         """``factory(*args, **kwargs)`` with its modules and tensors created on the device
         (``meta``: under ``torch.device("meta")``; ``fake_cuda``: under the fake mode and
-        ``torch.device("cuda")``; ``cuda``: built on the CPU, then moved)."""
+        ``torch.device("cuda")``; ``cuda``: built on the CPU), then a module is moved there
+        (:meth:`to`) like a real run's ``model.to(device)``."""
         torch = importlib.import_module("torch")
         if self.kind == "cuda":
             return self.to(factory(*args, **kwargs))
@@ -337,7 +363,10 @@ class Accel:
             if self.mode is not None:
                 ctx.enter_context(self.mode)
             ctx.enter_context(torch.device(self.device))
-            return factory(*args, **kwargs)
+            out = factory(*args, **kwargs)
+        # then moved, as a real run moves a built model: what the constructor made on the CPU
+        # regardless of the default device (``torch.Tensor(n)``, explicit ``device="cpu"``)
+        return self.to(out) if isinstance(out, torch.nn.Module) else out
 
     def to(self, obj):
         """A CPU tensor (detached copy), module (in place) or list/tuple/dict of them on the
@@ -378,6 +407,8 @@ class Accel:
         a default device, so that a tensor created without ``device=`` stays on the CPU and
         a mix-up raises). ``probe``: a :class:`HostReadProbe` to count host reads."""
         with contextlib.ExitStack() as stack:
+            if self.kind == "meta":
+                stack.enter_context(_autocast_knows_meta())
             if self.mode is not None:
                 stack.enter_context(self.mode)
             if probe is not None:

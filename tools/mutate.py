@@ -16,15 +16,14 @@ temporary directory; the working tree is never written to. Then, for each mutati
 snippet is replaced in the copy, ``python -m pytest -x -q <tests>`` runs in the copy with
 ``PYTHONPATH`` set to it, and the file is restored. A mutation is *caught* when its tests fail
 (pytest exit code 1; the first failing test is reported); exit code 2-4 (collection error,
-e.g. a mutation that breaks an import) is reported as caught at collection; 0 or all-skipped
-is *not caught*. Before the mutations, the union of their tests runs once unmutated
+e.g. a mutation that breaks an import) is reported as caught at collection, a pytest killed by
+a signal (a crash) as caught (crashed); 0 or all-skipped, or a timeout, is *not caught*. Before the mutations, the union of their tests runs once unmutated
 (``--no-baseline`` skips this): a failing baseline would make every mutation look caught.
 
 Exit status: 0 when every mutation applies and is caught; 1 when one is not caught or its
 snippet does not apply (not found, or found more than once: the report names it); 2 when the
 baseline fails or the list is malformed. See docs/MUTATION.md.
 """
-from __future__ import annotations
 
 import argparse
 import json
@@ -58,7 +57,7 @@ class Mutation:
 @dataclass
 class Result:
     id: str
-    status: str  # "caught" | "caught at collection" | "not caught" | "does not apply" | "applies"
+    status: str  # caught | caught at collection | caught (crashed) | not caught | does not apply | applies
     detail: str = ""
     seconds: float = 0.0
     failed: List[str] = field(default_factory=list)
@@ -157,6 +156,8 @@ def classify(proc: subprocess.CompletedProcess) -> Tuple[str, str, List[str]]:
         return "caught", failed[0] if failed else "(a test failed)", failed
     if proc.returncode in (2, 3, 4):
         return "caught at collection", (failed[0] if failed else f"pytest exit {proc.returncode}"), failed
+    if proc.returncode < 0:  # killed by a signal (e.g. a segfault on NaN): the suite goes red
+        return "caught (crashed)", f"pytest killed by signal {-proc.returncode}", failed
     if proc.returncode == 0:
         why = "tests passed" if re.search(r"\d+ passed", out) else "every test skipped"
         return "not caught", why, failed

@@ -123,7 +123,9 @@ def preflight(args, cfg) -> None:
     resuming = bool(args.resume and not args.eval_only and out and os.path.isdir(out)
                     and check_resume(out))
     if ckpt and not resuming:
-        check_checkpoint(ckpt, config_file=args.config_file)
+        local = check_checkpoint(ckpt, config_file=args.config_file)
+        if local != ckpt:  # a URL, now in the download cache: workers load the file itself
+            args.opts = list(args.opts) + [f"train.init_checkpoint={local}"]
     if _get(cfg, "train.validate_data", True):
         for name in dataset_names(cfg, eval_only=args.eval_only):
             stats = validate_registered_dataset(name)

@@ -20,11 +20,13 @@ AdamW = L(torch.optim.AdamW)(
 )
 
 # Swin-S (spec §6 paramwise_cfg): decay_mult 0 for every parameter whose name contains
-# "absolute_pos_embed", "relative_position_bias_table" or "norm" (mmcv substring matching,
-# which also catches the decoder LayerNorms attention_norm / ffn_norm / Wv_layer_norm). The
-# LayerNorms inside cls_fcs/reg_fcs (numeric names), the neck GroupNorm (gn_out) and iof_tau
-# keep their decay, because their names do not contain those substrings.
-# (stageinteractor.d2.engine.SWIN_NO_DECAY_KEYS; two param groups, decay / no decay)
+# "absolute_pos_embed", "relative_position_bias_table" or "norm", matched (as mmcv does) by
+# substring of the parameter's name *in the authors' model*. That catches all Swin norms and the
+# decoder LayerNorms the authors name attention_norm / ffn_norm / Wv_layer_norm (ours:
+# attention_norm, ffn_norm, mixing.out_norm). Decayed as in the authors' run: the decoder
+# LayerNorms that we call cls_norm / reg_norm (theirs: cls_fcs.1 / reg_fcs.1, numeric names),
+# the neck GroupNorm (gn_out) and iof_tau, whose names do not contain those substrings.
+# (stageinteractor.d2.engine.swin_optimizer_params; two param groups, decay / no decay)
 AdamW_swin = L(torch.optim.AdamW)(
     params=L(swin_optimizer_params)(base_lr="${..lr}", weight_decay="${..weight_decay}"),
     lr=2.5e-5,

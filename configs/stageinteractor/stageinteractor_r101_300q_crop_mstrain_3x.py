@@ -7,7 +7,11 @@ from ..common.schedule import lr_multiplier_3x_crop as lr_multiplier
 from ..common.train import train
 
 model.decoder.num_queries = 300
-train.init_checkpoint = "detectron2://ImageNetPretrained/torchvision/R-101.pkl"
+# torchvision's ImageNet resnet101 (IMAGENET1K_V1; what the authors' torchvision://resnet101
+# loads), converted on the fly by stageinteractor.d2.checkpoint (format "torchvision").
+# detectron2's model zoo publishes a torchvision conversion for R-50 only (its R-101.pkl is
+# MSRA's caffe model, a stride-in-1x1 network our checkpointer refuses).
+train.init_checkpoint = "https://download.pytorch.org/models/resnet101-63fe2227.pth"
 train.output_dir = "./output/stageinteractor_r101_300q_crop_mstrain_3x"
 train.max_iter = 36 * 7330
 dataloader.evaluator.output_dir = train.output_dir

@@ -1,6 +1,7 @@
 # StageInteractor Swin-S, 300 queries, crop + multi-scale, 36 epochs (steps 24, 33,
 # 1000 warm-up iterations). Paper Tab. 3 (StageInteractor, Swin-S): 52.7 AP.
-# Optimiser: AdamW without weight decay on Swin position tables and "*norm*" parameters.
+# Optimiser: AdamW without weight decay on Swin position tables and "*norm*" parameters, the
+# names as the authors' model spells them (configs/common/optim.py).
 from ..common.data.coco_crop_mstrain import dataloader
 from ..common.models.stageinteractor_swin_s import model
 from ..common.optim import AdamW_swin as optimizer

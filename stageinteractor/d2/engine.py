@@ -14,9 +14,8 @@
 * :func:`truncate_metrics`: drop ``metrics.json`` records at or after the resume iteration.
 
 The command-line checks (strict overrides, switch values, checkpoint files, ``--resume``) are
-the tools' front: :mod:`stageinteractor.d2.cli` and :mod:`stageinteractor.d2.checkpoint_files`.
-``apply_overrides_strict``, ``check_checkpoint_file``, ``ConfigError`` and
-``CheckpointFileError`` stay importable from here for code written against the old homes.
+the tools' front: :mod:`stageinteractor.d2.cli` and :mod:`stageinteractor.d2.checkpoint_files`;
+the user-error types are in :mod:`stageinteractor.errors`.
 """
 from __future__ import annotations
 
@@ -34,17 +33,14 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import SimpleTrainer
 from detectron2.utils import comm
 
-from stageinteractor.errors import CheckpointFileError, ConfigError
+from stageinteractor.errors import CheckpointFileError
 
 from .checkpoint import ImageNetInitMixin
-from .checkpoint_files import check_checkpoint as check_checkpoint_file
-from .cli import apply_overrides_strict
 from .deferred_scalars import deferring, take_pending, write_scalars
 
-__all__ = ["ConfigError", "CheckpointFileError", "AtomicCheckpointer", "Trainer",
-           "make_grad_scaler", "create_ddp_model", "apply_overrides_strict", "check_checkpoint_file",
+__all__ = ["AtomicCheckpointer", "Trainer", "make_grad_scaler", "create_ddp_model",
            "truncate_metrics", "atomic_write_bytes", "swin_optimizer_params",
-           "SWIN_NO_DECAY_KEYS"]
+           "authors_parameter_names", "SWIN_NO_DECAY_KEYS"]
 
 logger = logging.getLogger(__name__)
 
@@ -305,17 +301,45 @@ def create_ddp_model(model: torch.nn.Module, *, fp16_compression: bool = False, 
 # optimiser parameters
 # ----------------------------------------------------------------------------------------------
 # Swin-S (spec §6): mmcv ``paramwise_cfg`` custom_keys, matched by substring of the full name
+# of the parameter *in the authors' model* (see authors_parameter_names)
 SWIN_NO_DECAY_KEYS = ("absolute_pos_embed", "relative_position_bias_table", "norm")
+
+
+def authors_parameter_names(model: torch.nn.Module) -> Dict[str, str]:
+    """Our parameter name -> its name in the authors' model, for the decoder parameters that
+    the authors name differently (``decoder.stages.{s}.cls_norm.weight`` ->
+    ``roi_head.bbox_head.{s}.cls_fcs.1.weight``; a fused generator of ours -> its official
+    parts joined by ``+``). Backbone and neck names are not in the dict: ours carry the same
+    ``norm`` / ``relative_position_bias_table`` substrings as the authors' (the checkpoint
+    converter's renames only touch other parts of those names)."""
+    from stageinteractor.official.layout import DecoderHParams, FusedMap, decoder_key_maps
+
+    decoder = getattr(model, "decoder", None)
+    stages = getattr(decoder, "stages", None)
+    if stages is None:
+        return {}
+    out = {}
+    for m in decoder_key_maps(DecoderHParams(num_stages=len(stages))):
+        if m.ours is not None:
+            out["decoder." + m.ours] = "+".join(m.officials) if isinstance(m, FusedMap) else m.official
+    return out
 
 
 def swin_optimizer_params(model: torch.nn.Module, base_lr: float, weight_decay: float,
                           keys: Sequence[str] = SWIN_NO_DECAY_KEYS) -> List[Dict[str, Any]]:
-    """Two param groups: weight decay 0 for parameters whose *full* name contains one of
-    ``keys``, ``weight_decay`` for the rest. Frozen parameters are skipped."""
+    """Two param groups: weight decay 0 for parameters whose full name in the authors' model
+    (:func:`authors_parameter_names`, else our name) contains one of ``keys``, as mmcv's
+    ``custom_keys`` decide it; ``weight_decay`` for the rest. Frozen parameters are skipped.
+
+    So the decoder LayerNorms ``attention_norm``, ``ffn_norm`` and ``mixing.out_norm``
+    (``Wv_layer_norm``) get no decay, while ``cls_norm`` / ``reg_norm`` (the authors'
+    ``cls_fcs.1`` / ``reg_fcs.1``) are decayed, as in the authors' Swin-S run."""
+    theirs = authors_parameter_names(model)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if any(k in name for k in keys) else decay).append(p)
+            official = theirs.get(name, name)
+            (no_decay if any(k in official for k in keys) else decay).append(p)
     return [{"params": decay, "lr": base_lr, "weight_decay": weight_decay},
             {"params": no_decay, "lr": base_lr, "weight_decay": 0.0}]
 

@@ -119,3 +119,15 @@ def test_end_to_end_on_a_toy_checkout(tmp_path, capsys):
     assert (root / "pkg" / "a.py").read_text() == src
     # only the caught one: exit 0
     assert mutate.main(["--root", str(root), "--list", "muts.json", "--only", "minus", "--no-baseline"]) == 0
+
+
+def test_classify_exit_codes():
+    def proc(rc, out=""):
+        return subprocess.CompletedProcess(["pytest"], rc, out, "")
+
+    assert mutate.classify(proc(1, "FAILED t.py::test_x - assert 0\n")) == ("caught", "t.py::test_x", ["t.py::test_x"])
+    assert mutate.classify(proc(2, "ERROR t.py\n"))[0] == "caught at collection"
+    assert mutate.classify(proc(-11)) == ("caught (crashed)", "pytest killed by signal 11", [])
+    assert mutate.classify(proc(0, "3 passed in 1s")) == ("not caught", "tests passed", [])
+    assert mutate.classify(proc(0, "3 skipped in 1s")) == ("not caught", "every test skipped", [])
+    assert mutate.classify(proc(124, "[timed out after 9 s]"))[0] == "not caught"

@@ -396,10 +396,9 @@ def _with_gates(d_adapter, shared, gate_bias):
     generator block copied by name, the gate rows with weight 0 and bias ``gate_bias``."""
     sd = {k: v.clone() for k, v in shared.items() if not k.endswith(("generator.weight", "generator.bias"))}
     for s, st in enumerate(d_adapter.stages):
-        src = dict(shared)
         G = st.num_groups
-        w_src = src[f"stages.{s}.generator.weight"].view(G, -1, st.generator.weight.shape[1])
-        b_src = src[f"stages.{s}.generator.bias"].view(G, -1)
+        w_src = shared[f"stages.{s}.generator.weight"].reshape(G, -1, st.generator.weight.shape[1])
+        b_src = shared[f"stages.{s}.generator.bias"].view(G, -1)
         src_layout = [b for b in st.generator_layout if b[0] != "gates"]
         starts, o = {}, 0
         for name, rows in src_layout:

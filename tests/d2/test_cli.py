@@ -1,9 +1,6 @@
 """The command-line front in-process: stageinteractor.errors.run_tool, stageinteractor.d2.cli,
 stageinteractor.d2.checkpoint_files and the config side of d2/data/validate.py."""
-import functools
-import http.server
 import os
-import threading
 
 import pytest
 import torch
@@ -25,7 +22,7 @@ from stageinteractor.d2.cli import (
 )
 from stageinteractor.d2.data.validate import dataset_categories, dataset_names
 from stageinteractor.errors import CheckpointFileError, ConfigError, UserError, run_tool
-from tool_helpers import REPO, make_custom_dataset
+from tool_helpers import REPO, make_custom_dataset, serve_folder
 
 DEMO_CFG = str(REPO / "configs/demo/stageinteractor_demo.py")
 
@@ -192,19 +189,10 @@ def test_local_checkpoint_problems(tmp_path):
 
 @pytest.fixture
 def http_server(tmp_path):
-    """A local HTTP server over tmp_path/served (stands in for a checkpoint URL)."""
     served = tmp_path / "served"
     (served / "ckpt").mkdir(parents=True)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *a, **k: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield served, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_folder(served) as base:
+        yield served, base
 
 
 def _files(folder):

@@ -78,19 +78,6 @@ def _fake_preprocessed(accel, cpu_model, batch):
     return ImageList(accel.to(images.tensor), images.image_sizes), accel.to(sizes)
 
 
-def _meta_autocast(monkeypatch, accel):
-    """torch.autocast has no ``meta`` device type (the model disables autocast around its
-    losses): on ``meta`` that disabled region is taken as the CPU's."""
-    if accel.kind != "meta":
-        return
-    real = torch.autocast
-
-    def autocast(device_type, *args, **kwargs):
-        return real("cpu" if device_type == "meta" else device_type, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "autocast", autocast)
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_inference_on_accel_has_device_outputs_and_no_host_read(bench, accel, host_probe, name):
     cpu_model, model, batch = _model_on(accel, bench, name)
@@ -127,7 +114,6 @@ def test_training_step_up_to_the_matcher_on_accel(bench, accel, monkeypatch, nam
         raise _AtMatcher
 
     monkeypatch.setattr(model.criterion.matcher, "forward", matcher)
-    _meta_autocast(monkeypatch, accel)
     model.train()
     with EventStorage(0), pytest.raises(_AtMatcher):
         if accel.kind == "fake_cuda":

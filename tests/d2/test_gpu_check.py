@@ -45,7 +45,7 @@ def test_cpu_dry_run_end_to_end(tmp_path):
     assert tests["ok"] and tests["dry_run"] and tests["passed"] >= 6 and not tests.get("failed")
     syncs = res["host_syncs"]["demo"]
     assert syncs["status"] == "ok"
-    assert syncs["train_step"]["total"] == 3 and syncs["inference"]["total"] == 1
+    assert syncs["train_step"]["total"] == 2 and syncs["inference"]["total"] == 0
     rows = res["rows"]
     expected = {"stageinteractor_vs_adamixer", "stageinteractor_vs_adamixer_amp",
                 "decoder_only", "stageinteractor_vs_dino", "compile"}

@@ -11,7 +11,7 @@ import socket
 import pytest
 import torch
 
-from tool_helpers import REPO, make_custom_dataset, run_cli, tool_env
+from tool_helpers import make_custom_dataset, run_cli, serve_folder, tool_env
 
 DEMO_CFG = "configs/demo/stageinteractor_demo.py"
 CUSTOM_CFG = "tests/d2/configs/demo_custom.py"  # demo model, 2 categories, custom COCO json
@@ -227,3 +227,20 @@ def test_demo_labels_custom_categories_by_name(work, tmp_path):
     parsed = dict(part.rsplit(" ", 1) for part in counts.split(", "))
     assert set(parsed) <= {"cat", "dog"} and sum(map(int, parsed.values())) == 20, line
     assert (tmp_path / "vis" / "val_0.jpg").is_file()
+
+
+@pytest.mark.slow
+def test_train_net_url_checkpoint_is_fetched_once_without_a_lock_file(work, tmp_path):
+    served, cache, out = tmp_path / "served", tmp_path / "cache", tmp_path / "out"
+    (served / "ckpt").mkdir(parents=True)
+    torch.save({"model": {}}, served / "ckpt" / "init.pth")  # loads, with every key missing
+    with serve_folder(served) as base:
+        rc, stdout, err = run_cli("train_net", [
+            "--config-file", CUSTOM_CFG, f"train.output_dir={out}", "train.max_iter=1",
+            f"train.init_checkpoint={base}/ckpt/init.pth"], _env(work, FVCORE_CACHE=cache))
+    assert rc == 0, (stdout + err)[-3000:]
+    assert f"Loading from {cache}/ckpt/init.pth ..." in stdout + err  # the cached file
+    left = sorted(os.path.relpath(os.path.join(d, f), cache)
+                  for d, _, files in os.walk(cache) for f in files)
+    assert left == ["ckpt/init.pth"]
+    assert (out / "model_final.pth").is_file()

@@ -20,14 +20,9 @@ from torch import nn
 from detectron2.config import LazyConfig
 from detectron2.utils.events import EventStorage
 
-from stageinteractor.d2.engine import (
-    AtomicCheckpointer,
-    CheckpointFileError,
-    ConfigError,
-    Trainer,
-    apply_overrides_strict,
-    truncate_metrics,
-)
+from stageinteractor.d2.cli import apply_overrides_strict
+from stageinteractor.d2.engine import AtomicCheckpointer, Trainer, truncate_metrics
+from stageinteractor.errors import CheckpointFileError, ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = "tests/d2/configs/tiny_train.py"

@@ -1,8 +1,12 @@
 """Helpers for the tests that run the tools through their command lines (tests/d2)."""
+import contextlib
+import functools
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +52,18 @@ def make_custom_dataset(root, splits=("train", "val"), n=3):
             {"images": images, "annotations": anns,
              "categories": [{"id": c, "name": name} for c, name in CATEGORIES]}))
     return root
+
+
+@contextlib.contextmanager
+def serve_folder(folder):
+    """A local HTTP server over ``folder`` (stands in for a checkpoint URL); yields its base URL."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -7,9 +7,16 @@ hard-code ``.cuda()``) instead of our device-agnostic overrides; they train a fe
 finite, falling losses. At the parity setting (own-stage scope, IoU threshold 0, detrex's
 ``num_boxes`` normaliser) CSLA DINO's losses equal detrex DINO's on the accelerator.
 
-In the CPU dry run (STAGEINTERACTOR_GPU_DRY_RUN=1) detrex's ``.cuda()`` paths cannot run, so
-the device-agnostic replacements stay in place and everything else is the same.
+Those two compare values (falling losses, equal losses): real CUDA only, skipped on a stand-in.
+On the stand-ins (issue 21) the tiny CSLA DINO / DN-DETR are built on the device and run as far
+as detrex's own code allows; the test asserts that they stop **inside detrex or detectron2**
+(never in this project's code, except the listed ``KNOWN_STOPS``) and where: on ``meta`` the
+training step at the denoising queries' ``torch.nonzero`` (a data-dependent shape, no meta
+kernel), DINO's inference in its transformer and DN-DETR's at an ``.item()``; on ``fake_cuda`` detectron2's ``ImageList.from_tensors``, which reads a CPU
+tensor's values (FakeTensorMode has none). docs/DESIGN.md, "Stand-in devices".
 """
+
+import traceback
 
 import os
 
@@ -19,6 +26,7 @@ import torch
 pytest.importorskip("detrex")
 
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
 from projects.dino.modeling import DINO, DINOCriterion  # noqa: E402
 from projects.dn_detr.modeling import DNCriterion  # noqa: E402
 
@@ -54,8 +62,46 @@ def _to_device(tree, device):
     return tree
 
 
-@pytest.mark.parametrize("config", ["dino_r50_4scale_12ep_csla.py", "dn_detr_r50_50ep_csla.py"])
-def test_tiny_csla_models_train_on_accel(accel_device, detrex_own_paths, config):
+CONFIGS = ["dino_r50_4scale_12ep_csla.py", "dn_detr_r50_50ep_csla.py"]
+THIRD_PARTY = ("/detrex/", "/projects/", "/detectron2/")
+# this project's code where a stand-in may stop, and why: the device-agnostic DINO denoising
+# draws its label noise with detrex's torch.nonzero (same random stream as detrex's DINO), a
+# data-dependent shape (on CUDA a host sync, as in detrex's own prepare_for_cdn)
+KNOWN_STOPS = {"stageinteractor/detrex_ext/dino.py": "torch.nonzero"}
+
+
+def _innermost_project_frame(exc):
+    """The innermost frame outside torch: where the model's own code stopped."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "/torch/" not in f.filename and "/torchvision/" not in f.filename]
+    return frames[-1]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "inference"])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_tiny_csla_models_on_accel_run_until_detrex_code_stops(accel, config, training):
+    if accel.real:
+        pytest.skip("on CUDA test_tiny_csla_models_train_on_accel runs the whole model")
+    cfg = LazyConfig.load(os.path.join(ROOT, config))
+    shrink_model_cfg(cfg.model)
+    cfg.model.device = str(accel.device)  # detrex keeps its normaliser outside the buffers
+    torch.manual_seed(0)
+    model = accel.build(instantiate, cfg.model)
+    assert all(p.device.type == accel.device.type for p in model.parameters())
+    model.train(training)
+    with pytest.raises(Exception) as info:
+        with accel.run(), EventStorage(0), torch.set_grad_enabled(training):
+            model(tiny_batch())
+    where = _innermost_project_frame(info.value)
+    known = [k for k, op in KNOWN_STOPS.items() if where.filename.endswith(k) and op in where.line]
+    assert known or any(t in where.filename for t in THIRD_PARTY), (where, info.value)
+    assert known or "stageinteractor/" not in where.filename.split("site-packages")[-1], where
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_tiny_csla_models_train_on_accel(accel, detrex_own_paths, config):
+    accel.require_values()
+    accel_device = accel.device
     cfg = LazyConfig.load(os.path.join(ROOT, config))
     shrink_model_cfg(cfg.model)
     cfg.model.device = str(accel_device)
@@ -84,7 +130,9 @@ def test_tiny_csla_models_train_on_accel(accel_device, detrex_own_paths, config)
     assert totals[-1] < totals[0], totals
 
 
-def test_csla_dino_equals_detrex_dino_at_parity_on_accel(accel_device, detrex_own_paths):
+def test_csla_dino_equals_detrex_dino_at_parity_on_accel(accel, detrex_own_paths):
+    accel.require_values()
+    accel_device = accel.device
     weights = {"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
     parity = dict(csla_scope=(0, 0), csla_iou_threshold=0.0, csla_cls_norm="num_boxes")
     base = DINOCriterion(num_classes=7, matcher=hungarian(), weight_dict=dict(weights))
