@@ -24,9 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repo", default=os.environ.get("OFFICIAL_REPO"), required="OFFICIAL_REPO" not in os.environ,
+    ap.add_argument("--repo", default=os.environ.get("OFFICIAL_REPO"),
+                    required="OFFICIAL_REPO" not in os.environ,
                     help="the authors' repository (a checkout of MCG-NJU/StageInteractor)")
-    ap.add_argument("--forward-fixture", default=str(ROOT / "tests/fixtures/official_decoder_parity"))
+    ap.add_argument("--forward-fixture",
+                    default=str(ROOT / "tests/fixtures/official_decoder_parity"))
     ap.add_argument("--out", default=str(ROOT / "tests/fixtures/official_gradient_parity"))
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)

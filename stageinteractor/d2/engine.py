@@ -321,7 +321,8 @@ def authors_parameter_names(model: torch.nn.Module) -> Dict[str, str]:
     out = {}
     for m in decoder_key_maps(DecoderHParams(num_stages=len(stages))):
         if m.ours is not None:
-            out["decoder." + m.ours] = "+".join(m.officials) if isinstance(m, FusedMap) else m.official
+            theirs = "+".join(m.officials) if isinstance(m, FusedMap) else m.official
+            out["decoder." + m.ours] = theirs
     return out
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "find_gradient_fixture",
     "load_gradient_fixture",
     "feature_name",
+    "record_summaries",
 ]
 
 NUM_POSITIONS = 32
@@ -139,7 +140,8 @@ class GradientFixture:
 
     def floor_values(self, name: str) -> torch.Tensor:
         """|g32 - g64| of the authors at the stored positions (float64)."""
-        return (self.expected[f"grad32/{name}/values"].double() - self.expected[f"grad64/{name}/values"]).abs()
+        e = self.expected
+        return (e[f"grad32/{name}/values"].double() - e[f"grad64/{name}/values"]).abs()
 
 
 def find_gradient_fixture(repo_root: "str | Path | None" = None) -> Optional[Path]:
@@ -165,7 +167,8 @@ def load_gradient_fixture(directory: "str | Path") -> GradientFixture:
         raise FileNotFoundError(f"official gradient fixture: {path} not found")
     e = torch.load(path, map_location="cpu", weights_only=True)
     if int(e["meta/format_version"]) != FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {e['meta/format_version']}, expected {FORMAT_VERSION}")
+        raise ValueError(f"{path}: format version {e['meta/format_version']}, "
+                         f"expected {FORMAT_VERSION}")
     opt = json.loads(str(e["meta/optimizer_json"]))
     return GradientFixture(
         expected=e,

@@ -37,7 +37,8 @@ from stageinteractor.official.gradient_fixture import (
     record_summaries,
 )
 
-__all__ = ["CONFIG", "build_official_model", "image_metas", "training_grads", "optimizer_step", "make_fixture"]
+__all__ = ["CONFIG", "build_official_model", "image_metas", "training_grads", "optimizer_step",
+           "make_fixture"]
 
 CONFIG = "configs/stageinteractor/stageinteractor_r50_1x_coco.py"
 DECODER_PREFIXES = ("rpn_head.", "roi_head.")
@@ -141,11 +142,11 @@ def optimizer_step(model, cfg) -> Tuple[float, Dict[str, object]]:
     groups = optimizer.param_groups
     if len(groups) != 1:
         raise ValueError(f"expected one param group (no paramwise_cfg), got {len(groups)}")
-    g = groups[0]
+    g, clip = groups[0], cfg.optimizer_config.grad_clip
     settings = dict(type=type(optimizer).__name__, lr=g["lr"], base_lr=lr_hook.regular_lr[0],
                     betas=list(g["betas"]), eps=g["eps"], weight_decay=g["weight_decay"],
-                    amsgrad=g["amsgrad"], max_norm=float(cfg.optimizer_config.grad_clip["max_norm"]),
-                    norm_type=float(cfg.optimizer_config.grad_clip["norm_type"]),
+                    amsgrad=g["amsgrad"], max_norm=float(clip["max_norm"]),
+                    norm_type=float(clip["norm_type"]),
                     warmup=lr_cfg.get("warmup"), warmup_iters=lr_cfg.get("warmup_iters"),
                     warmup_ratio=lr_cfg.get("warmup_ratio"), iteration=0)
     return float(norm), settings

@@ -47,13 +47,16 @@ from stageinteractor.core import (
     StageInteractorCriterion,
     StageInteractorDecoder,
 )
-from stageinteractor.official.layout import DecoderHParams, decoder_official_to_ours, decoder_ours_to_official
+from stageinteractor.official.layout import (
+    DecoderHParams,
+    decoder_official_to_ours,
+    decoder_ours_to_official,
+)
 from stageinteractor.official.fixture import find_parity_fixture, load_fixture
 from stageinteractor.official.gradient_fixture import (
     feature_name,
     find_gradient_fixture,
     load_gradient_fixture,
-    probe,
     summarize,
 )
 
@@ -108,7 +111,8 @@ def _step(fx, hp, ours_sd, dtype):
     total = sum(losses.values())
     total.backward()
     missing = [n for n, p in dec.named_parameters() if p.grad is None]
-    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in dec.named_parameters()}
+    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p))
+             for n, p in dec.named_parameters()}
     official = dict(decoder_ours_to_official(grads, hp))  # may share storage with p.grad
     official.update({feature_name(l): f.grad for l, f in enumerate(feats)})
     return dec, official, float(total.detach()), missing
@@ -195,7 +199,8 @@ def _compare(gfx, grads, floors, precision):
 
 
 def _print(title, per_stage):
-    print(f"\nGRAD {title}: " + "  ".join(f"{k}={v:.2e}" for k, v in sorted(per_stage.items(), key=lambda kv: str(kv[0]))))
+    items = sorted(per_stage.items(), key=lambda kv: str(kv[0]))
+    print(f"\nGRAD {title}: " + "  ".join(f"{k}={v:.2e}" for k, v in items))
 
 
 def _fail(failures):
@@ -246,10 +251,12 @@ def test_clipped_adamw_step_matches(gfx, run32, hp):
     params = [p for p in dec.parameters() if p.grad is not None]
     for p in params:  # the recorded gradients (which may share these tensors) stay unclipped
         p.grad = p.grad.clone()
-    opt = torch.optim.AdamW(params, lr=gfx.lr, betas=gfx.betas, eps=gfx.eps, weight_decay=gfx.weight_decay)
+    opt = torch.optim.AdamW(params, lr=gfx.lr, betas=gfx.betas, eps=gfx.eps,
+                            weight_decay=gfx.weight_decay)
     norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm=gfx.max_norm, norm_type=2.0))
     ref_norm = float(gfx.expected["step/clip_norm"])
-    tol_norm = FLOOR_FACTOR * math.sqrt(sum(f[0] ** 2 for n, f in floors.items() if not n.startswith("feat")))
+    tol_norm = FLOOR_FACTOR * math.sqrt(sum(f[0] ** 2 for n, f in floors.items()
+                                            if not n.startswith("feat")))
     assert abs(norm - ref_norm) <= tol_norm, (norm, ref_norm, tol_norm)
     opt.step()
     after = decoder_ours_to_official({n: p.detach() for n, p in dec.named_parameters()}, hp)
@@ -269,14 +276,16 @@ def test_clipped_adamw_step_matches(gfx, run32, hp):
         scale = float(gfx.summary("64", name)["values"].abs().max())
         dg = E * torch.clamp(F_pos, min=r * scale) * clip
         f = lambda x: x / (x.abs() + gfx.eps)  # noqa: E731
-        direction_tol = torch.maximum((f(g_ref + dg) - f(g_ref)).abs(), (f(g_ref) - f(g_ref - dg)).abs())
+        direction_tol = torch.maximum((f(g_ref + dg) - f(g_ref)).abs(),
+                                      (f(g_ref) - f(g_ref - dg)).abs())
         ulp = torch.from_numpy(np.spacing(np.abs(ref_after.float().numpy())).astype(np.float64))
         tol = 2 * ulp + gfx.lr * direction_tol
         err = (got - ref_after).abs()
         moved += int((ref_after != before[name].reshape(-1)[pos].double()).sum())
         if (err > tol).any():
             i = int((err - tol).argmax())
-            failures.append(f"{name} entry {int(pos[i])}: {float(got[i]):.9g} vs {float(ref_after[i]):.9g} "
+            failures.append(f"{name} entry {int(pos[i])}: {float(got[i]):.9g} vs "
+                            f"{float(ref_after[i]):.9g} "
                             f"(tol {float(tol[i]):.3g})")
     _fail(failures)
     assert moved > 1000  # the step is visible at float32 resolution for most entries
@@ -331,5 +340,6 @@ def test_our_floor_is_not_larger_than_the_authors(gfx, run32, run64):
             bad[n] = (F / norm, gfx.floor(n) / norm)
     v = sorted(ratios.values())
     GRAD_MEASURED["floor_ratio_ours_theirs"] = (v[0], v[len(v) // 2], v[-1])
-    print(f"\nGRAD our floor / their floor per key: min {v[0]:.2f} median {v[len(v) // 2]:.2f} max {v[-1]:.2f}")
+    print(f"\nGRAD our floor / their floor per key: min {v[0]:.2f} median {v[len(v) // 2]:.2f} "
+          f"max {v[-1]:.2f}")
     assert not bad, bad

@@ -32,7 +32,8 @@ from stageinteractor.d2.checkpoint import (  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.py")
-                 if "common" not in p.relative_to(REPO / "configs").parts and p.name != "__init__.py")
+                 if "common" not in p.relative_to(REPO / "configs").parts
+                 and p.name != "__init__.py")
 
 # Files known to be published, with the layout their state dict has (checked by hand against
 # the publishers' pages: detectron2 MODEL_ZOO.md "ImageNet Pretrained Models", torchvision's
@@ -43,7 +44,8 @@ PUBLISHED = {
     "detectron2://ImageNetPretrained/torchvision/R-50.pkl": "d2",
     "https://download.pytorch.org/models/resnet50-0676ba61.pth": "torchvision",
     "https://download.pytorch.org/models/resnet101-63fe2227.pth": "torchvision",
-    "https://download.openmmlab.com/pretrain/third_party/resnext101_32x4d-a5af3160.pth": "torchvision",
+    "https://download.openmmlab.com/pretrain/third_party/"
+    "resnext101_32x4d-a5af3160.pth": "torchvision",
     "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/"
     "swin_small_patch4_window7_224.pth": "swin",
 }
@@ -125,14 +127,16 @@ def test_r101_trains_from_a_local_torchvision_resnet101(tmp_path):
     for k in frozen:
         assert torch.equal(final[k], mapped[k]), k
     assert torch.equal(final["backbone.stem.conv1.weight"], sd["conv1.weight"])
-    assert torch.equal(final["backbone.res5.2.conv3.norm.running_var"], sd["layer4.2.bn3.running_var"])
+    assert torch.equal(final["backbone.res5.2.conv3.norm.running_var"],
+                       sd["layer4.2.bn3.running_var"])
 
 
 # ------------------------------------------------------------------------------ Swin-S decay
 
 def _mmcv_no_decay(official_name):
     """The authors' paramwise_cfg (custom_keys, substring match, decay_mult 0)."""
-    return any(k in official_name for k in ("absolute_pos_embed", "relative_position_bias_table", "norm"))
+    keys = ("absolute_pos_embed", "relative_position_bias_table", "norm")
+    return any(k in official_name for k in keys)
 
 
 def test_swin_s_weight_decay_follows_the_authors_names():
@@ -159,7 +163,8 @@ def test_swin_s_weight_decay_follows_the_authors_names():
         assert wd == want, f"{name} (theirs {official[name]}): weight decay {wd}, authors {want}"
 
     # by hand, one stage of the decoder: which LayerNorms are decayed
-    st = {n[len("decoder.stages.3."):]: wd for n, wd in decay_of.items() if n.startswith("decoder.stages.3.")}
+    pre = "decoder.stages.3."
+    st = {n[len(pre):]: wd for n, wd in decay_of.items() if n.startswith(pre)}
     for ln in ("attention_norm", "ffn_norm", "mixing.out_norm"):
         assert st[f"{ln}.weight"] == 0.0 and st[f"{ln}.bias"] == 0.0, ln
     for ln in ("cls_norm", "reg_norm"):
@@ -184,14 +189,16 @@ def test_r50_optimizer_step_settings_are_the_authors_recorded_ones():
     directory = find_gradient_fixture()
     if directory is None:
         pytest.skip("official gradient fixture not found")
-    meta = json.loads(str(torch.load(directory / "expected.pt", weights_only=True)["meta/optimizer_json"]))
+    expected = torch.load(directory / "expected.pt", weights_only=True)
+    meta = json.loads(str(expected["meta/optimizer_json"]))
     cfg = _cfg("configs/stageinteractor/stageinteractor_r50_100q_1x.py")
     model = instantiate(cfg.model)
     cfg.optimizer.params.model = model
     opt = instantiate(cfg.optimizer)
     sched = instantiate(cfg.lr_multiplier)
     assert type(opt).__name__ == meta["type"] == "AdamW"
-    assert sum(len(g["params"]) for g in opt.param_groups) == len([p for p in model.parameters() if p.requires_grad])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(trainable)
     for g in opt.param_groups:
         assert g["weight_decay"] == meta["weight_decay"] and list(g["betas"]) == meta["betas"]
         assert g["eps"] == meta["eps"] and g["amsgrad"] == meta["amsgrad"]
@@ -200,4 +207,5 @@ def test_r50_optimizer_step_settings_are_the_authors_recorded_ones():
     w = meta["warmup_iters"] / cfg.train.max_iter
     assert meta["warmup"] == "linear" and sched(w) == 1.0 and sched(w * (1 - 1e-3)) < 1.0
     clip = cfg.train.clip_grad
-    assert clip.enabled and clip.params.max_norm == meta["max_norm"] and clip.params.norm_type == meta["norm_type"]
+    assert clip.enabled and clip.params.max_norm == meta["max_norm"]
+    assert clip.params.norm_type == meta["norm_type"]
