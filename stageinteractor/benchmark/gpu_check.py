@@ -51,8 +51,8 @@ MIN_START = {"cuda": 30.0, "cpu": 3.0}
 COMPILE_RESERVE = {"cuda": 150.0, "cpu": 5.0}
 #: most host syncs per training step / inference (tests/d2/test_host_sync_budget.py)
 HOST_SYNC_BUDGET = {
-    "train_step": {"scalar": 0, "to_cpu": 3, "to_gpu": 0, "data_dep": 0, "device_mismatch": 0},
-    "inference": {"scalar": 0, "to_cpu": 1, "to_gpu": 0, "data_dep": 0, "device_mismatch": 0},
+    "train_step": {"scalar": 0, "to_cpu": 2, "to_gpu": 0, "data_dep": 0, "device_mismatch": 0},
+    "inference": {"scalar": 0, "to_cpu": 0, "to_gpu": 0, "data_dep": 0, "device_mismatch": 0},
 }
 #: a skip of a test that needs more GPUs than the machine has (e.g. the NCCL test)
 MULTI_GPU_SKIP = re.compile(r"needs? (\d+|two) (CUDA devices|GPUs)", re.I)

@@ -130,7 +130,7 @@ def test_dino_row_without_detrex_fails_on_cuda_only():
     assert gc.verdict(res)["ok"] is False
 
 
-def _counts(to_cpu_train=3, to_cpu_inf=1, warn=None, total_inf=1):
+def _counts(to_cpu_train=2, to_cpu_inf=0, warn=None, total_inf=0):
     zero = {"scalar": 0, "to_gpu": 0, "data_dep": 0, "device_mismatch": 0}
     return {"train_step": dict(zero, to_cpu=to_cpu_train, total=to_cpu_train,
                                cuda_sync_warnings=None),
@@ -140,16 +140,28 @@ def _counts(to_cpu_train=3, to_cpu_inf=1, warn=None, total_inf=1):
 def test_host_sync_step_asserts_the_budget():
     """Item 7: the host-sync step recorded counts and asserted nothing."""
     assert gc.judge_host_syncs(_counts()) == []
-    assert gc.judge_host_syncs(_counts(to_cpu_train=4)) == ["train_step: to_cpu 4 > budget 3"]
-    assert gc.judge_host_syncs(_counts(warn=1)) == []
-    assert gc.judge_host_syncs(_counts(warn=2)) == [
-        "inference: PyTorch's sync-debug mode saw 2 syncs, the counter 1 "
+    assert gc.judge_host_syncs(_counts(to_cpu_train=3)) == ["train_step: to_cpu 3 > budget 2"]
+    assert gc.judge_host_syncs(_counts(warn=0)) == []
+    assert gc.judge_host_syncs(_counts(warn=1)) == [
+        "inference: PyTorch's sync-debug mode saw 1 syncs, the counter 0 "
         "(the counter misses syncs)"]
     only_train = {"train_step": _counts()["train_step"]}
     assert gc.judge_host_syncs(only_train) == ["inference: not counted"]
     res = {"tests": {"ok": True}, "rows": {}, "host_syncs": {"demo": {"status": "failed"}}}
     assert gc.verdict(res) == {"ok": False, "failed_rows": [], "failed_host_syncs": ["demo"],
                                "timeouts": []}
+
+
+def test_host_sync_budget_is_the_tests():
+    """One budget: the check's is tests/d2/test_host_sync_budget.py's."""
+    import importlib.util
+
+    path = REPO / "tests/d2/test_host_sync_budget.py"
+    spec = importlib.util.spec_from_file_location("budget", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    expected = {"train_step": mod.TRAIN_BUDGET, "inference": mod.INFERENCE_BUDGET}
+    assert gc.HOST_SYNC_BUDGET == expected
 
 
 class _Clock:
