@@ -63,7 +63,7 @@ A command line over ``stageinteractor.benchmark`` (module map in its ``__init__`
   ``benchmark: error: ...`` and exit status 2.
   Both decoders' weights are random, perturbed by ``--perturb-decoder`` (0.02 * N(0, 1), as the
   reference does) so that queries sample different points.
-  With ``--train`` their **training step** too (``stageinteractor/benchmark/official_train.py``,
+  With ``--train`` their **training step** too (``stageinteractor/official/train_worker.py``,
   a second worker in their Python, any ``--batch-size``: ``forward_train``, backward, their
   gradient clipping at 1.0 and AdamW step), timed interleaved with ours (then clipped at 1.0 as
   well, ``--clip-grad``), and its peak training memory in fresh processes like ours: JSON

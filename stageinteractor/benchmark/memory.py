@@ -112,7 +112,7 @@ def measure_memory_cpu(
 def measure_official_memory(python: str, worker: str, repo: str, image_size: Tuple[int, int],
                             batch_size: int, threads: int, repeats: int) -> List[int]:
     """Peak training memory of the authors' training step: ``repeats`` fresh processes of their
-    Python running ``worker --memory`` (:mod:`.official_train`, measured as ours)."""
+    Python running ``worker --memory`` (:mod:`stageinteractor.official.train_worker`, measured as ours)."""
     res: List[int] = []
     cmd = [python, worker, "--repo", repo, "--size", str(image_size[0]), str(image_size[1]),
            "--batch", str(batch_size), "--memory"]

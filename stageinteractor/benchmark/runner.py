@@ -35,7 +35,8 @@ from .timing import interleaved
 __all__ = ["run", "start_reference", "model_specs", "References", "TRAIN_WORKER"]
 
 #: the authors' training step worker (runs in their Python, by its path)
-TRAIN_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_train.py")
+TRAIN_WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "official",
+                            "train_worker.py")
 
 Times = Dict[str, Dict[str, List[float]]]
 
@@ -52,8 +53,8 @@ def model_specs(args) -> Dict[str, Tuple[str, List[str]]]:
 class References:
     """The authors' workers of one run (:mod:`stageinteractor.official.reference_client`):
     ``inference`` (decoder / backbone / whole / count; batch 1) and ``train`` (their training
-    step, :mod:`.official_train`), each None when not started; ``skip``: why there is no
-    comparison at all; ``inference_skip``: why only the training one."""
+    step, :mod:`stageinteractor.official.train_worker`), each None when not started; ``skip``:
+    why there is no comparison at all; ``inference_skip``: why only the training one."""
 
     def __init__(self, skip: Optional[str] = None):
         self.inference, self.train, self.skip, self.inference_skip = None, None, skip, None

@@ -2,7 +2,8 @@
 
 Runs in the **authors' Python environment** (their mmdet 2.12 fork, mmcv 1.x; see
 ``stageinteractor.official.gradient_fixture`` for what is recorded and how): mmcv and mmdet are
-imported inside the functions, so this module imports in either environment.
+imported inside the functions (:mod:`.authors_model`, shared with the timing workers), so this
+module imports in either environment.
 
 What is run, on the forward parity fixture's decoder (formula weights loaded into the
 ``rpn_head`` / ``roi_head`` of ``configs/stageinteractor/stageinteractor_r50_1x_coco.py``, built
@@ -20,15 +21,20 @@ with its ``train_cfg``):
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from typing import Dict, List, Tuple
 
-import numpy as np
 import torch
 
+from stageinteractor.official.authors_model import (
+    CONFIG,
+    DECODER_HEADS,
+    build_authors_detector,
+    image_meta,
+    import_training_parts,
+)
 from stageinteractor.official.fixture import OfficialFixture, load_fixture
 from stageinteractor.official.gradient_fixture import (
     FORMAT_VERSION,
@@ -40,8 +46,7 @@ from stageinteractor.official.gradient_fixture import (
 __all__ = ["CONFIG", "build_official_model", "image_metas", "training_grads", "optimizer_step",
            "make_fixture"]
 
-CONFIG = "configs/stageinteractor/stageinteractor_r50_1x_coco.py"
-DECODER_PREFIXES = ("rpn_head.", "roi_head.")
+DECODER_PREFIXES = tuple(h + "." for h in DECODER_HEADS)
 
 
 def _log(msg: str) -> None:
@@ -56,20 +61,7 @@ def build_official_model(repo: str, sd: Dict[str, torch.Tensor]):
         SystemExit: when mmcv/mmdet are not importable (not the authors' environment).
         KeyError: when the fixture's decoder keys are not exactly the model's.
     """
-    sys.path.insert(0, repo)
-    cwd = os.getcwd()
-    os.chdir(repo)  # the config's _base_ paths are relative to the repository
-    try:
-        try:
-            from mmcv import Config
-            from mmdet.models import build_detector
-        except ImportError as e:
-            raise SystemExit(f"run this with the Python of the authors' environment: {e}")
-        cfg = Config.fromfile(CONFIG)
-    finally:
-        os.chdir(cwd)
-    cfg.model.pretrained = None
-    model = build_detector(cfg.model, train_cfg=cfg.get("train_cfg"), test_cfg=cfg.get("test_cfg"))
+    model, cfg = build_authors_detector(repo)
     own = [k for k in model.state_dict() if k.startswith(DECODER_PREFIXES)]
     if set(own) != set(sd):
         raise KeyError(f"decoder keys differ from the fixture's: {sorted(set(own) ^ set(sd))[:5]}")
@@ -79,13 +71,8 @@ def build_official_model(repo: str, sd: Dict[str, torch.Tensor]):
 
 def image_metas(fx: OfficialFixture) -> List[dict]:
     """mmdet ``img_metas`` of the fixture (README §1 of the forward fixture)."""
-    H, W = fx.batch_input_shape
-    metas = []
-    for h, w in fx.image_sizes.tolist():
-        metas.append(dict(img_shape=(h, w, 3), ori_shape=(h, w, 3), pad_shape=(H, W, 3),
-                          batch_input_shape=(H, W), scale_factor=np.ones(4, dtype=np.float32),
-                          flip=False))
-    return metas
+    pad = tuple(fx.batch_input_shape)
+    return [image_meta(h, w, pad) for h, w in fx.image_sizes.tolist()]
 
 
 def training_grads(model, fx: OfficialFixture, dtype: torch.dtype):
@@ -123,10 +110,7 @@ def optimizer_step(model, cfg) -> Tuple[float, Dict[str, object]]:
     """Their clipped AdamW step at the first warm-up iteration, on the gradients in ``.grad``.
 
     Returns ``(clip norm, optimizer settings)``."""
-    from mmcv.runner import build_optimizer
-    from mmcv.runner.hooks import OptimizerHook
-    from mmcv.runner.hooks.lr_updater import StepLrUpdaterHook
-
+    build_optimizer, OptimizerHook, StepLrUpdaterHook = import_training_parts()
     optimizer = build_optimizer(model, cfg.optimizer)
     lr_cfg = {k: v for k, v in cfg.lr_config.items() if k != "policy"}
     if cfg.lr_config.get("policy") != "step":

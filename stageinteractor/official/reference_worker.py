@@ -2,9 +2,9 @@
 
 Runs in the **authors' Python environment** (``python scripts/build_official_env.py VENV``
 builds one: their mmdet 2.12 fork, mmcv 1.x without compiled ops; docs/OFFICIAL.md), never in
-ours, and imports
-nothing else of this project (``stageinteractor`` and ``stageinteractor.official`` import
-nothing): ``tools/benchmark.py --official-python PY --official-repo DIR`` starts it through
+ours, and imports nothing else of this project but :mod:`.authors_model` (standard library
+at the top; ``stageinteractor`` and ``stageinteractor.official`` import nothing):
+``tools/benchmark.py --official-python PY --official-repo DIR`` starts it through
 ``tools/official_reference.py`` as a separate process and times it interleaved with our model,
 call by call.
 
@@ -28,71 +28,45 @@ Line protocol (stdin -> stdout, one JSON object per line; everything else goes t
 * ``quit``     -> ``{"bye": true}`` and exit.
 
 Errors are answered with ``{"error": "..."}``. Times are measured inside the worker around the
-call only (wall clock and this process's CPU time), so the pipe adds nothing to them. The
+call only (wall clock and this process's CPU time), so the pipe adds nothing to them; the loop,
+the model build and the metas are :mod:`.authors_model`'s, shared with the other workers. The
 client side is :mod:`stageinteractor.official.reference_client`.
 """
 import argparse
 import collections
-import json
 import os
 import sys
-import time
-import warnings
 
-# the protocol: commands answered with times, the other commands, and how to get the environment
+if __package__ in (None, ""):  # run by its path: this checkout's package, not an installed one
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from stageinteractor.official.authors_model import (  # noqa: E402
+    BUILD_HINT,
+    build_authors_detector,
+    image_meta,
+    perturb_heads,
+    protocol_stdout,
+    serve,
+)
+
+__all__ = ["TIMED_COMMANDS", "COMMANDS", "BUILD_HINT", "main"]
+
+# the protocol: commands answered with times, the other commands (the client reads both)
 TIMED_COMMANDS = ("decoder", "backbone", "whole")
 COMMANDS = TIMED_COMMANDS + ("count", "quit")
-BUILD_HINT = "python scripts/build_official_env.py VENV builds it (docs/OFFICIAL.md)"
-
-
-def _reply(out, obj) -> None:
-    out.write(json.dumps(obj) + "\n")
-    out.flush()
 
 
 def _build(repo: str, size, seed: int):
     """(model, image, metas) of the authors' R50-100q detector with perturbed random weights."""
-    sys.path.insert(0, repo)
-    cwd = os.getcwd()
-    os.chdir(repo)  # the config's _base_ paths are relative to the repository
-    try:
-        import numpy as np
-        import torch
+    import torch
 
-        try:  # the authors' environment only (not installed by this project's set-up step)
-            from mmcv import Config
-            from mmdet.models import build_detector
-        except ImportError as e:
-            raise SystemExit(
-                f"official_reference.py: run it with the Python of the authors' environment "
-                f"({BUILD_HINT}): {e}"
-            )
-
-        cfg = Config.fromfile("configs/stageinteractor/stageinteractor_r50_1x_coco.py")
-    finally:
-        os.chdir(cwd)
-    cfg.model.pretrained = None
-    model = build_detector(cfg.model)
+    model, _ = build_authors_detector(repo)
     model.init_weights()
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name in ("rpn_head", "roi_head"):
-            for p in getattr(model, name).parameters():
-                p.add_(0.02 * torch.randn_like(p))
+    perturb_heads(model, seed)
     model.eval()
     H, W = size
     img = torch.randn(1, 3, H, W, generator=torch.Generator().manual_seed(seed + 123))
-    metas = [
-        dict(
-            img_shape=(H, W, 3),
-            ori_shape=(H, W, 3),
-            pad_shape=(H, W, 3),
-            batch_input_shape=(H, W),
-            scale_factor=np.ones(4, dtype=np.float32),
-            flip=False,
-        )
-    ]
-    return model, img, metas
+    return model, img, [image_meta(H, W)]
 
 
 def main(argv=None) -> None:
@@ -103,13 +77,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    # the protocol owns the real stdout; prints and logs of the authors' code go to stderr
-    out = sys.stdout
-    sys.stdout = sys.stderr
-    warnings.filterwarnings("ignore")
-    import logging
-
-    logging.disable(logging.WARNING)
+    out = protocol_stdout()
     import torch
 
     if args.threads:
@@ -122,35 +90,14 @@ def main(argv=None) -> None:
         xyzr, content, whwh = model.rpn_head.simple_test_rpn(feats, metas)
         return model.roi_head.simple_test(feats, xyzr, content, metas, imgs_whwh=whwh, rescale=True)
 
-    calls = {
+    timed = {
         "decoder": decoder,
         "backbone": lambda: model.extract_feat(img),
         "whole": lambda: model.simple_test(img, metas, rescale=True),
     }
-    _reply(
-        out,
-        {"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads(), "size": list(args.size)},
-    )
-    for line in sys.stdin:
-        cmd = line.strip()
-        if not cmd:
-            continue
-        try:
-            if cmd == "quit":
-                _reply(out, {"bye": True})
-                return
-            if cmd in calls:
-                with torch.no_grad():
-                    c0, t0 = time.process_time(), time.perf_counter()
-                    calls[cmd]()
-                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-                _reply(out, {"wall_s": wall, "cpu_s": cpu})
-            elif cmd == "count":
-                _reply(out, _count(decoder))
-            else:
-                _reply(out, {"error": f"unknown command {cmd!r}"})
-        except Exception as e:  # noqa: BLE001 - reported to the benchmark, worker stays up
-            _reply(out, {"error": f"{type(e).__name__}: {e}"})
+    ready = {"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
+             "size": list(args.size)}
+    serve(out, ready, timed, other={"count": lambda: _count(decoder)}, context=torch.no_grad)
 
 
 def _count(fn):

@@ -518,7 +518,7 @@ def test_training_step_clips_the_global_gradient_norm():
 def test_authors_training_batch_by_hand():
     """The authors' training worker's batch (no mmdet needed): 8 boxes per image inside it,
     labels in [0, 80), metas of the padded size."""
-    from stageinteractor.benchmark.official_train import training_batch
+    from stageinteractor.official.train_worker import training_batch
 
     img, metas, boxes, labels = training_batch(2, 64, 96, seed=0)
     assert img.shape == (2, 3, 64, 96) and len(metas) == len(boxes) == len(labels) == 2

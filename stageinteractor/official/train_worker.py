@@ -3,9 +3,10 @@ worker, and its memory measurement.
 
 Runs in the **authors' Python environment** (their mmdet 2.12 fork;
 ``scripts/build_official_env.py`` builds one), never in ours; imports only the standard library
-at the top (torch, mmcv and mmdet inside the functions), so the file runs there by its path::
+and :mod:`.authors_model` / :mod:`stageinteractor.benchmark.memory` (standard library only) at
+the top (torch, mmcv and mmdet inside the functions), so the file runs there by its path::
 
-    PY stageinteractor/benchmark/official_train.py --repo DIR --size H W --batch B
+    PY stageinteractor/official/train_worker.py --repo DIR --size H W --batch B
         [--threads T] [--seed S] [--memory]
 
 Model: ``configs/stageinteractor/stageinteractor_r50_1x_coco.py`` of their repository with its
@@ -24,8 +25,9 @@ AdamW step (``mmcv.runner.build_optimizer`` of their ``optimizer``: lr 2.5e-5, w
 
 Protocol (the inference worker's, :mod:`stageinteractor.official.reference_client`): start-up
 ``{"ready": true, "torch", "threads", "size", "batch"}``; ``train`` -> ``{"wall_s", "cpu_s"}``;
-``quit`` -> ``{"bye": true}``; failures -> ``{"error"}``. ``--memory``: no protocol; builds the
-model, runs two steps and prints one line ``MEMORY_RESULT {json}`` with
+``quit`` -> ``{"bye": true}``; failures -> ``{"error"}`` (:func:`.authors_model.serve`).
+``--memory``: no protocol; builds the model, runs two steps and prints one line
+``MEMORY_RESULT {json}`` with
 ``train_peak_memory_bytes`` = the resident-memory high-water mark minus the resident memory
 after the imports (as :mod:`stageinteractor.benchmark.memory` measures ours), then exits.
 """
@@ -33,50 +35,38 @@ import argparse
 import json
 import os
 import sys
-import time
 
-CONFIG = "configs/stageinteractor/stageinteractor_r50_1x_coco.py"
+if __package__ in (None, ""):  # run by its path: this checkout's package, not an installed one
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from stageinteractor.benchmark.memory import RESULT_PREFIX, reset_peak_rss, status_kib  # noqa: E402
+from stageinteractor.official.authors_model import (  # noqa: E402
+    build_authors_detector,
+    image_meta,
+    import_authors,
+    import_training_parts,
+    perturb_heads,
+    protocol_stdout,
+    serve,
+)
+
+__all__ = ["build_training_detector", "training_batch", "training_step", "main"]
+
 BOXES_PER_IMAGE = 8
 NUM_CLASSES = 80
 
 
-def _reply(out, obj) -> None:
-    out.write(json.dumps(obj) + "\n")
-    out.flush()
-
-
 def build_training_detector(repo: str, seed: int):
     """(detector in train mode, mmcv Config) with perturbed random decoder weights."""
-    import torch
-
-    sys.path.insert(0, repo)
-    cwd = os.getcwd()
-    os.chdir(repo)  # the config's _base_ paths are relative to the repository
-    try:
-        try:
-            from mmcv import Config
-            from mmdet.models import build_detector
-        except ImportError as e:
-            raise SystemExit(f"official_train.py: run it with the Python of the authors' "
-                             f"environment (scripts/build_official_env.py): {e}")
-        cfg = Config.fromfile(CONFIG)
-    finally:
-        os.chdir(cwd)
-    cfg.model.pretrained = None
-    model = build_detector(cfg.model, train_cfg=cfg.get("train_cfg"), test_cfg=cfg.get("test_cfg"))
+    model, cfg = build_authors_detector(repo)
     model.init_weights()
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name in ("rpn_head", "roi_head"):
-            for p in getattr(model, name).parameters():
-                p.add_(0.02 * torch.randn_like(p))
+    perturb_heads(model, seed)
     model.train()
     return model, cfg
 
 
 def training_batch(batch: int, h: int, w: int, seed: int):
     """(images (B, 3, h, w), img_metas, gt_bboxes [(8, 4) xyxy], gt_labels [(8,)])."""
-    import numpy as np
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -87,17 +77,13 @@ def training_batch(batch: int, h: int, w: int, seed: int):
         wh = (0.05 + 0.25 * torch.rand(BOXES_PER_IMAGE, 2, generator=g)) * torch.tensor([w, h])
         boxes.append(torch.cat([xy, xy + wh], 1))
         labels.append(torch.randint(0, NUM_CLASSES, (BOXES_PER_IMAGE,), generator=g))
-        metas.append(dict(img_shape=(h, w, 3), ori_shape=(h, w, 3), pad_shape=(h, w, 3),
-                          batch_input_shape=(h, w), scale_factor=np.ones(4, dtype=np.float32),
-                          flip=False))
+        metas.append(image_meta(h, w))
     return img, metas, boxes, labels
 
 
 def training_step(model, cfg, batch):
     """A callable running one of their training steps on ``batch`` (see the module docstring)."""
-    from mmcv.runner import build_optimizer
-    from mmcv.runner.hooks import OptimizerHook
-
+    build_optimizer, OptimizerHook, _ = import_training_parts()
     optimizer = build_optimizer(model, cfg.optimizer)
     clipper = OptimizerHook(grad_clip=dict(cfg.optimizer_config.grad_clip))
     img, metas, boxes, labels = batch
@@ -114,38 +100,24 @@ def training_step(model, cfg, batch):
     return step
 
 
-def _status_kib(field: str):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def _memory(args) -> None:
     """Peak training memory of a fresh process (as stageinteractor.benchmark.memory)."""
     import torch
-    import mmcv  # noqa: F401  (imports before the baseline reading)
 
-    sys.path.insert(0, args.repo)
-    import mmdet.models  # noqa: F401
-
+    import_authors(args.repo)  # mmcv and mmdet.models: imported before the baseline reading
     x = torch.ones(2, requires_grad=True)  # autograd engine start-up before the baseline
     (x * 2).sum().backward()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_kib("VmRSS") * 1024
+    if not reset_peak_rss():
+        raise SystemExit("train_worker.py --memory: cannot reset VmHWM (/proc/self/clear_refs)")
+    base = status_kib("VmRSS") * 1024
     model, cfg = build_training_detector(args.repo, args.seed)
     step = training_step(model, cfg, training_batch(args.batch, *args.size, args.seed + 123))
     for _ in range(2):
         step()
-    peak = _status_kib("VmHWM") * 1024
-    print("MEMORY_RESULT " + json.dumps({"peak_rss_bytes": peak, "baseline_rss_bytes": base,
-                                         "method": "VmHWM-VmRSS(after imports)",
-                                         "train_peak_memory_bytes": max(0, peak - base)}),
+    peak = status_kib("VmHWM") * 1024
+    print(RESULT_PREFIX + json.dumps({"peak_rss_bytes": peak, "baseline_rss_bytes": base,
+                                      "method": "VmHWM-VmRSS(after imports)",
+                                      "train_peak_memory_bytes": max(0, peak - base)}),
           flush=True)
 
 
@@ -154,24 +126,8 @@ def _serve(args, out) -> None:
 
     model, cfg = build_training_detector(args.repo, args.seed)
     step = training_step(model, cfg, training_batch(args.batch, *args.size, args.seed + 123))
-    _reply(out, {"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                 "size": list(args.size), "batch": args.batch})
-    for line in sys.stdin:
-        cmd = line.strip()
-        if not cmd:
-            continue
-        try:
-            if cmd == "quit":
-                _reply(out, {"bye": True})
-                return
-            if cmd != "train":
-                _reply(out, {"error": f"unknown command {cmd!r}"})
-                continue
-            c0, t0 = time.process_time(), time.perf_counter()
-            step()
-            _reply(out, {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0})
-        except Exception as e:  # noqa: BLE001 - reported to the benchmark, worker stays up
-            _reply(out, {"error": f"{type(e).__name__}: {e}"})
+    serve(out, {"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "size": list(args.size), "batch": args.batch}, {"train": step})
 
 
 def main(argv=None) -> None:
@@ -183,13 +139,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--memory", action="store_true", help="print the peak memory and exit")
     args = ap.parse_args(argv)
-    out = sys.stdout  # the protocol owns the real stdout; the authors' prints go to stderr
-    sys.stdout = sys.stderr
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
+    out = protocol_stdout()
     import torch
 
     if args.threads:
