@@ -44,7 +44,13 @@ from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 from stageinteractor.d2.checkpoint_files import load_weights  # noqa: E402
-from stageinteractor.d2.cli import cfg_get, load_config, run_tool, split_overrides  # noqa: E402
+from stageinteractor.d2.cli import (  # noqa: E402
+    cfg_get,
+    load_config,
+    reclaim_overrides,
+    run_tool,
+    split_overrides,
+)
 from stageinteractor.d2.data.validate import dataset_categories  # noqa: E402
 from stageinteractor.errors import UserError  # noqa: E402
 
@@ -73,10 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("opts", nargs=argparse.REMAINDER, help="LazyConfig overrides key=value")
     flags, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(flags + overrides)  # flags may follow the overrides
-    # `--input a.png key=value`: --input swallowed the overrides
-    extra = [v for v in args.input if "=" in v and not os.path.exists(v)]
-    args.input = [v for v in args.input if v not in extra]
-    args.opts = list(args.opts) + extra
+    reclaim_overrides(args, "input")  # `--input a.png key=value`: --input swallowed the overrides
     if not args.input:
         p.error("--input needs at least one image or folder")
     return args

@@ -62,7 +62,13 @@ from stageinteractor.d2.export import (  # noqa: E402
     torch_reference,
 )
 from stageinteractor.d2.checkpoint_files import load_weights  # noqa: E402
-from stageinteractor.d2.cli import cfg_get, load_config, run_tool, split_overrides  # noqa: E402
+from stageinteractor.d2.cli import (  # noqa: E402
+    cfg_get,
+    load_config,
+    reclaim_overrides,
+    run_tool,
+    split_overrides,
+)
 from stageinteractor.errors import ConfigError, UserError  # noqa: E402
 
 
@@ -94,13 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("opts", nargs=argparse.REMAINDER, help="LazyConfig overrides key=value")
     flags, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(flags + overrides)  # flags may follow the overrides
-    if args.verify:
-        # `--verify a.png b.png key=value ...`: the overrides after the images are overrides
-        extra = [v for v in args.verify if "=" in v and not os.path.exists(v)]
-        args.verify = [v for v in args.verify if v not in extra]
-        args.opts = list(args.opts) + extra
-        if not args.verify:
-            p.error("--verify needs at least one image or folder")
+    reclaim_overrides(args, "verify")  # `--verify a.png key=value`: the overrides after the images
+    if args.verify == []:
+        p.error("--verify needs at least one image or folder")
     return args
 
 

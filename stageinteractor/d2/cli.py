@@ -25,8 +25,9 @@ A tool is a thin script over these functions::
   and the allowed values) -- all before the tool writes anything.
 * :func:`check_num_classes` compares the model's ``num_classes`` keys with the categories of the
   datasets it will train on.
-* :func:`split_overrides` lets flags follow the overrides on a command line; :func:`cfg_get`
-  reads a dotted key with a default.
+* :func:`split_overrides` lets flags follow the overrides on a command line,
+  :func:`reclaim_overrides` takes back the overrides a ``nargs`` list option swallowed;
+  :func:`cfg_get` reads a dotted key with a default.
 
 Checkpoint checks live in :mod:`stageinteractor.d2.checkpoint_files`, dataset checks in
 :mod:`stageinteractor.d2.data.validate`.
@@ -43,7 +44,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from stageinteractor.errors import ConfigError, UserError, run_tool
 
-__all__ = ["run_tool", "split_overrides", "load_config", "apply_overrides_strict",
+__all__ = ["run_tool", "split_overrides", "reclaim_overrides", "load_config", "apply_overrides_strict",
            "check_switches", "check_num_classes", "num_classes_keys", "cfg_get", "ConfigError", "UserError"]
 
 
@@ -56,6 +57,19 @@ def split_overrides(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
     overrides = [t for t in argv if "=" in t and not t.startswith("-")]
     flags = [t for t in argv if not ("=" in t and not t.startswith("-"))]
     return flags, overrides
+
+
+def reclaim_overrides(args, dest: str) -> None:
+    """Give back to ``args.opts`` the ``key=value`` overrides that the ``nargs`` list option
+    ``dest`` swallowed (``--input a.png key=value``: :func:`split_overrides` puts overrides
+    after the flags, so they follow the list's values). A value holding ``=`` that is an
+    existing path stays in the list. Nothing happens when the option was not given (None)."""
+    values = getattr(args, dest)
+    if values is None:
+        return
+    extra = [v for v in values if "=" in v and not os.path.exists(v)]
+    setattr(args, dest, [v for v in values if v not in extra])
+    args.opts = list(args.opts) + extra
 
 
 def cfg_get(node: Any, dotted: str, default: Any = None) -> Any:

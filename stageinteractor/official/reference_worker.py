@@ -35,19 +35,9 @@ client side is :mod:`stageinteractor.official.reference_client`.
 import argparse
 import collections
 import os
-import sys
 
-if __package__ in (None, ""):  # run by its path: this checkout's package, not an installed one
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from stageinteractor.official.authors_model import (  # noqa: E402
-    BUILD_HINT,
-    build_authors_detector,
-    image_meta,
-    perturb_heads,
-    protocol_stdout,
-    serve,
-)
+from .authors_model import BUILD_HINT, build_authors_detector, image_meta, perturb_heads
+from .authors_model import protocol_stdout, serve
 
 __all__ = ["TIMED_COMMANDS", "COMMANDS", "BUILD_HINT", "main"]
 

@@ -18,6 +18,7 @@ from stageinteractor.d2.cli import (
     check_switches,
     load_config,
     num_classes_keys,
+    reclaim_overrides,
     split_overrides,
 )
 from stageinteractor.d2.data.validate import dataset_categories, dataset_names
@@ -49,6 +50,39 @@ def test_run_tool_lets_a_bug_keep_its_traceback():
 def test_split_overrides_keeps_flags_with_equals():
     flags, ovs = split_overrides(["a.b=1", "--resume", "--dist-url=tcp://x", "c=2", "x.py"])
     assert flags == ["--resume", "--dist-url=tcp://x", "x.py"] and ovs == ["a.b=1", "c=2"]
+
+
+def _list_option_parser():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--input", nargs="+")
+    p.add_argument("--output")
+    p.add_argument("opts", nargs=argparse.REMAINDER)
+    return p
+
+
+def test_reclaim_overrides_takes_back_what_a_list_option_swallowed(tmp_path):
+    """``--input`` last: split_overrides puts the overrides after its values, argparse gives
+    them to --input; reclaimed, they are overrides again (order kept), an existing file whose
+    name holds '=' stays an input."""
+    eq_file = tmp_path / "k=v.png"
+    eq_file.write_bytes(b"")
+    argv = ["--output", "o", "a.b=1", "--input", "x.png", str(eq_file), "c=2"]
+    flags, ovs = split_overrides(argv)
+    args = _list_option_parser().parse_args(flags + ovs)
+    assert args.input == ["x.png", "a.b=1", str(eq_file), "c=2"] and args.opts == []  # swallowed
+    reclaim_overrides(args, "input")
+    assert args.input == ["x.png", str(eq_file)] and args.opts == ["a.b=1", "c=2"]
+
+
+def test_reclaim_overrides_leaves_an_absent_option_and_remainder_alone():
+    args = _list_option_parser().parse_args(["--output", "o", "a.b=1"])
+    reclaim_overrides(args, "input")
+    assert args.input is None and args.opts == ["a.b=1"]
+    args = _list_option_parser().parse_args(["--input", "a.b=1"])
+    reclaim_overrides(args, "input")
+    assert args.input == [] and args.opts == ["a.b=1"]
 
 
 # ------------------------------------------------------------------ config checks
