@@ -8,7 +8,8 @@ Builds the config's model (random weights, decoder perturbed by 0.02 * N(0, 1) a
 ``tools/benchmark.py``), a synthetic batch (``stageinteractor.benchmark.models.make_batch``: B
 uint8 images with 8 boxes each) and runs the training step of ``tools/benchmark.py --train``
 (forward, sum of the losses, backward, global-norm clipping at 1.0, AdamW): one warm-up step,
-one timed step without the profiler, one step under it. Prints (seconds per step):
+one timed step without the profiler, one step under it
+(``stageinteractor.benchmark.train_profile``). Prints (seconds per step):
 
 * phases: forward (backbone, neck, decoder + criterion), backward, clipping, optimizer step;
 * op groups: convolutions, linear layers, batched products, grid_sample, norms, zero fills;
@@ -17,7 +18,6 @@ one timed step without the profiler, one step under it. Prints (seconds per step
 import argparse
 import os
 import sys
-import time
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
@@ -25,22 +25,7 @@ if _REPO_ROOT not in sys.path:
 
 from stageinteractor.errors import run_tool  # noqa: E402
 
-__all__ = ["OP_GROUPS", "parse_args", "main"]
-
-OP_GROUPS = {
-    "convolutions, forward (THNN 1x1 / oneDNN)": ("aten::_slow_conv2d_forward", "aten::mkldnn_convolution"),
-    "convolutions, backward": ("aten::_slow_conv2d_backward", "aten::convolution_backward"),
-    "linear layers, forward (addmm)": ("aten::addmm",),
-    "linear layers, backward (mm)": ("aten::mm",),
-    "batched products (bmm, baddbmm)": ("aten::bmm", "aten::baddbmm"),
-    "grid_sample forward": ("aten::grid_sampler_2d",),
-    "grid_sample backward": ("aten::grid_sampler_2d_backward",),
-    "zero fills (fill_)": ("aten::fill_",),
-    "norms forward + backward": ("aten::native_group_norm", "aten::native_group_norm_backward",
-                                 "aten::native_batch_norm", "aten::native_batch_norm_backward",
-                                 "aten::native_layer_norm", "aten::native_layer_norm_backward"),
-    "copies (copy_)": ("aten::copy_",),
-}
+__all__ = ["parse_args", "main"]
 
 
 def parse_args(argv=None):
@@ -54,59 +39,23 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def _step(model, batch, params, opt, record_function) -> None:
-    import torch
-
-    model.train()
-    with record_function("PHASE forward + losses"):
-        losses = model(batch)
-        loss = sum(v for v in losses.values() if torch.is_tensor(v))
-    opt.zero_grad(set_to_none=True)
-    with record_function("PHASE backward"):
-        loss.backward()
-    with record_function("PHASE clip_grad_norm_"):
-        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm=1.0)
-    with record_function("PHASE AdamW step"):
-        opt.step()
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
 
     from stageinteractor.benchmark.models import build_model, make_batch, perturb_decoder
+    from stageinteractor.benchmark.steps import TrainStep
+    from stageinteractor.benchmark.train_profile import print_train_profile, profile_train_step
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, _ = build_model(args.config_file, [], "cpu")
     perturb_decoder(model, 0.02)
     batch = make_batch(model, args.batch_size, *args.image_size)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-6, weight_decay=1e-4)  # as tools/benchmark.py --train
-    _step(model, batch, params, opt, record_function)
-    t0 = time.perf_counter()
-    _step(model, batch, params, opt, record_function)
-    plain = time.perf_counter() - t0
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        _step(model, batch, params, opt, record_function)
-    ev = {e.key: e for e in prof.key_averages()}
-    total = sum(e.self_cpu_time_total for e in ev.values()) / 1e6
+    res = profile_train_step(TrainStep(model, batch, "cpu", amp=False, clip=1.0), rows=args.rows)
     h, w = args.image_size
-    print(f"training step, {args.threads} thread(s), batch {args.batch_size}, {h}x{w}, torch "
-          f"{torch.__version__}: {plain:.2f} s without the profiler, {total:.2f} s under it\n")
-    print("| phase | s | share |\n|---|---|---|")
-    for k in sorted(k for k in ev if k.startswith("PHASE ")):
-        s = ev[k].cpu_time_total / 1e6
-        print(f"| {k[6:]} | {s:.2f} | {100 * s / total:.0f} % |")
-    print("\n| op group (self time) | s | share |\n|---|---|---|")
-    for name, ops in OP_GROUPS.items():
-        s = sum(ev[o].self_cpu_time_total for o in ops if o in ev) / 1e6
-        print(f"| {name} | {s:.2f} | {100 * s / total:.0f} % |")
-    print("\n| op | self s | calls |\n|---|---|---|")
-    top = sorted(ev.values(), key=lambda e: -e.self_cpu_time_total)[: args.rows]
-    for e in top:
-        print(f"| `{e.key}` | {e.self_cpu_time_total / 1e6:.3f} | {e.count} |")
+    print_train_profile(res, f"training step, {args.threads} thread(s), batch {args.batch_size}, "
+                             f"{h}x{w}, torch {torch.__version__}")
 
 
 if __name__ == "__main__":

@@ -55,8 +55,12 @@ class TrainStep:
     With ``amp`` on CUDA the loss is scaled by a ``torch.amp.GradScaler("cuda")`` and the step
     goes through it (``scaler.step`` + ``scaler.update``), as in training; ``scaler`` is None
     otherwise. ``clip``: a max norm for the global L2 gradient norm clipping of training (after
-    unscaling), None = no clipping.
+    unscaling), None = no clipping. ``phase``: a callable ``phase(name)`` returning a context
+    manager entered around each phase ("forward + losses", "backward", "clipping", "optimizer
+    step"), e.g. ``torch.profiler.record_function``; default: no context.
     """
+
+    PHASES = ("forward + losses", "backward", "clipping", "optimizer step")
 
     def __init__(self, model, batch, device: str, amp: bool, clip: Optional[float] = None):
         import torch
@@ -67,29 +71,35 @@ class TrainStep:
         self.scaler: Optional[Any] = None
         if amp and str(device).startswith("cuda"):
             self.scaler = torch.amp.GradScaler("cuda")
+        self.phase: Callable[[str], Any] = lambda name: contextlib.nullcontext()
 
     def __call__(self) -> None:
         import torch
 
+        forward, backward, clipping, step = (self.phase(n) for n in self.PHASES)
         self.model.train()
-        with autocast(self.device, self.amp):
-            losses = self.model(self.batch)
-        loss = sum(v for v in losses.values() if torch.is_tensor(v))
+        with forward:
+            with autocast(self.device, self.amp):
+                losses = self.model(self.batch)
+            loss = sum(v for v in losses.values() if torch.is_tensor(v))
         self.opt.zero_grad(set_to_none=True)
-        if self.scaler is None:
-            loss.backward()
-        else:
-            self.scaler.scale(loss).backward()
-        if self.clip is not None:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.opt)
-            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None],
-                                           max_norm=self.clip, norm_type=2.0)
-        if self.scaler is None:
-            self.opt.step()
-        else:
-            self.scaler.step(self.opt)
-            self.scaler.update()
+        with backward:
+            if self.scaler is None:
+                loss.backward()
+            else:
+                self.scaler.scale(loss).backward()
+        with clipping:
+            if self.clip is not None:
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.opt)
+                torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None],
+                                               max_norm=self.clip, norm_type=2.0)
+        with step:
+            if self.scaler is None:
+                self.opt.step()
+            else:
+                self.scaler.step(self.opt)
+                self.scaler.update()
 
 
 def train_fn(model, batch, device: str, amp: bool, clip: Optional[float] = None) -> TrainStep:
