@@ -21,12 +21,11 @@ import subprocess
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from stageinteractor.process_memory import RESULT_PREFIX, reset_peak_rss, rss_bytes, status_kib
+
 from .log import log
 
 __all__ = [
-    "rss_bytes",
-    "status_kib",
-    "reset_peak_rss",
     "worker_command",
     "parse_result",
     "measure_memory_cpu",
@@ -35,34 +34,6 @@ __all__ = [
 ]
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RESULT_PREFIX = "MEMORY_RESULT "
-
-
-def rss_bytes(ru_maxrss: int) -> int:
-    """``ru_maxrss`` in bytes (kilobytes on Linux, bytes on macOS)."""
-    return int(ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
-
-
-def status_kib(field: str, path: str = "/proc/self/status") -> Optional[int]:
-    """A ``kB`` field (e.g. ``VmHWM``, ``VmRSS``) of a /proc status file, None if absent."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's resident-memory high-water mark (VmHWM); False when impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return status_kib("VmHWM") is not None
-    except OSError:
-        return False
 
 
 def worker_command(
@@ -112,7 +83,8 @@ def measure_memory_cpu(
 def measure_official_memory(python: str, worker: str, repo: str, image_size: Tuple[int, int],
                             batch_size: int, threads: int, repeats: int) -> List[int]:
     """Peak training memory of the authors' training step: ``repeats`` fresh processes of their
-    Python running ``worker --memory`` (:mod:`stageinteractor.official.train_worker`, measured as ours)."""
+    Python running ``worker --memory`` (:mod:`stageinteractor.official.train_worker`, measured
+    as ours)."""
     res: List[int] = []
     cmd = [python, worker, "--repo", repo, "--size", str(image_size[0]), str(image_size[1]),
            "--batch", str(batch_size), "--memory"]

@@ -3,7 +3,7 @@
 Depends on :mod:`stageinteractor.core` only (never on detectron2 or detrex), so the key layout,
 the checkpoint conversion and the parity fixture's formula work in a core-only install, and
 the workers run in the authors' environment (standard library only at their top; the training
-worker also reads /proc through :mod:`stageinteractor.benchmark.memory`, standard library too).
+worker also reads /proc through :mod:`stageinteractor.process_memory`, standard library too).
 Importing this package imports nothing (each module is imported on its own; the workers'
 environment has no scipy, for instance).
 

@@ -3,7 +3,7 @@ worker, and its memory measurement.
 
 Runs in the **authors' Python environment** (their mmdet 2.12 fork;
 ``scripts/build_official_env.py`` builds one), never in ours; imports only the standard library
-and :mod:`.authors_model` / :mod:`stageinteractor.benchmark.memory` (standard library only) at
+and :mod:`.authors_model` / :mod:`stageinteractor.process_memory` (standard library only) at
 the top (torch, mmcv and mmdet inside the functions), so the file runs there by its path::
 
     PY stageinteractor/official/train_worker.py --repo DIR --size H W --batch B
@@ -39,7 +39,7 @@ import sys
 if __package__ in (None, ""):  # run by its path: this checkout's package, not an installed one
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from stageinteractor.benchmark.memory import RESULT_PREFIX, reset_peak_rss, status_kib  # noqa: E402
+from stageinteractor.process_memory import RESULT_PREFIX, reset_peak_rss, status_kib  # noqa: E402
 from stageinteractor.official.authors_model import (  # noqa: E402
     build_authors_detector,
     image_meta,
