@@ -24,11 +24,20 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .tracing import is_tracing
 
-__all__ = ["COLUMN_BLOCK", "MIN_BLOCKED_WEIGHT_BYTES", "column_blocks", "wide_linear"]
+__all__ = [
+    "COLUMN_BLOCK",
+    "MIN_BLOCKED_WEIGHT_BYTES",
+    "MIN_ONEDNN_MACS",
+    "Linear",
+    "column_blocks",
+    "linear",
+    "use_onednn",
+    "wide_linear",
+]
 
 # target columns per block; 1024-3072 are all within a few % of the best on the measured machine
 COLUMN_BLOCK = 1536
@@ -81,3 +90,107 @@ def wide_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Ten
         out=out.as_strided((n, m, width), (width, n_cols, 1)),
     )
     return out if bias is None else out.add_(bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# oneDNN matrix products (CPU, float32, forward and backward)
+# ---------------------------------------------------------------------------------------------
+#: below this many multiply-adds (M*N*K) a product stays on F.linear: the oneDNN primitive's
+#: per-call set-up is not repaid
+MIN_ONEDNN_MACS = 1 << 18
+
+
+def _onednn_op():
+    """``torch.ops.mkldnn._linear_pointwise`` where this torch build has it and oneDNN is enabled
+    (x86 / aarch64 builds with oneDNN; ``torch.backends.mkldnn.enabled`` respected), else None."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):  # pragma: no cover - torch built without oneDNN ops
+        return None
+
+
+def _mm(a: Tensor, b_t: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``a @ b_t.T (+ bias)`` for 2-D a (M, K), b_t (N, K) -> (M, N) contiguous, through oneDNN.
+    Any strides except zero strides (an expanded operand is copied first)."""
+    if 0 in a.stride():
+        a = a.contiguous()
+    if 0 in b_t.stride():
+        b_t = b_t.contiguous()
+    return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """``F.linear`` for 2-D x (M, K), weight (N, K), bias (N,) | None with every product of the
+    forward and backward on oneDNN: ``y = x W^T + b``, ``dx = dy W``, ``dW = dy^T x``, ``db =
+    sum_rows dy``. For a column-major weight (strides (1, N)) ``dW`` is computed as
+    ``(x^T dy)^T`` so the gradient has the weight's own layout (no copy when it is accumulated)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _mm(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        gx = _mm(grad, weight.t()) if need_x else None
+        gw = None
+        if need_w:
+            n = weight.shape[0]
+            if weight.stride() == (1, n) and n > 1:  # column-major weight: gradient in its layout
+                gw = _mm(x.t(), grad.t()).t()
+            else:
+                gw = _mm(grad.t(), x.t())
+        gb = grad.sum(0) if (need_b and ctx.has_bias) else None
+        return gx, gw, gb
+
+
+def use_onednn(x: Tensor, weight: Tensor) -> bool:
+    """Whether :func:`linear` runs ``x`` (..., K) times ``weight`` (N, K) on oneDNN: CPU float32
+    tensors (also no autocast), not while tracing / exporting / compiling, a product of at least
+    :data:`MIN_ONEDNN_MACS` multiply-adds, and a torch with the oneDNN linear op."""
+    if (
+        x.device.type != "cpu"
+        or weight.device.type != "cpu"
+        or x.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or weight.dim() != 2
+        or x.dim() < 2
+        or x.numel() == 0
+        or torch.is_autocast_enabled("cpu")
+        or is_tracing()
+    ):
+        return False
+    if (x.numel() // x.shape[-1]) * weight.shape[0] * weight.shape[1] < MIN_ONEDNN_MACS:
+        return False
+    return _onednn_op() is not None
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x, weight, bias)``: x (..., K), weight (N, K), bias (N,) -> (..., N).
+
+    On the CPU in float32 (:func:`use_onednn`) every product of the forward and of the backward
+    runs on oneDNN, whose AVX-512 kernels reach ~2x the float32 rate of the BLAS (MKL) that
+    ``F.linear`` uses on AMD CPUs (docs/BENCHMARKS.md); the values equal ``F.linear``'s up to
+    float round-off (another summation order). Everywhere else this is ``F.linear``."""
+    if not use_onednn(x, weight):
+        return F.linear(x, weight, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        y = _OneDNNLinear.apply(x2, weight, bias)
+    else:
+        y = _mm(x2, weight, bias)
+    return y.view(*lead, weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose forward is :func:`linear` (same parameters, state dict and init)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)

@@ -61,3 +61,51 @@ def test_wide_linear_falls_back_where_blocking_does_not_apply():
         small_w, small_b = _column_major(28080, 32)  # 3.4 MiB: cache-resident, plain F.linear
         y = x[:, :32]
         assert torch.equal(wide_linear(y, small_w, small_b), F.linear(y, small_w, small_b))
+
+
+# ---- oneDNN linear (forward and backward on oneDNN for CPU float32) ----
+from stageinteractor.core.gemm import Linear, linear, use_onednn  # noqa: E402
+
+
+def _float64_reference(x, w, b, g):
+    """Gradients of sum(g * (x w^T + b)) by hand in float64: dx = g w, dw = g^T x, db = sum g."""
+    x, w, b, g = (t.detach().double() for t in (x, w, b, g))
+    return x @ w.t() + b, g @ w, g.t() @ x, g.sum(0)
+
+
+@pytest.mark.skipif(not use_onednn(torch.zeros(64, 64), torch.zeros(64, 64)), reason="torch without oneDNN")
+@pytest.mark.parametrize("layout", ["row_major", "column_major"])
+def test_onednn_linear_forward_and_gradients_equal_float64(layout):
+    g0 = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 100, 256, generator=g0)
+    w = torch.randn(3000, 256, generator=g0) / 16
+    if layout == "column_major":
+        w = w.t().contiguous().t()
+    b = torch.randn(3000, generator=g0)
+    g = torch.randn(2, 100, 3000, generator=g0)
+    x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    with OpCounter() as ops:
+        y = linear(x, w, b)
+        y.backward(g)
+    by_op = ops.by_op()
+    assert by_op.get("mkldnn._linear_pointwise") == 3  # forward, grad-input, grad-weight
+    assert "aten.mm" not in by_op and "aten.addmm" not in by_op
+    y64, gx, gw, gb = _float64_reference(x.reshape(200, 256), w, b, g.reshape(200, 3000))
+    assert torch.allclose(y.reshape(200, 3000).double(), y64, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(x.grad.reshape(200, 256).double(), gx, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(w.grad.double(), gw, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(b.grad.double(), gb, rtol=1e-5, atol=1e-4)
+    assert w.grad.stride() == w.stride()  # the gradient keeps the weight's layout
+
+
+def test_linear_falls_back_to_f_linear():
+    w = torch.randn(512, 256)
+    x = torch.randn(64, 256)
+    assert not use_onednn(x, torch.randn(4, 2))  # tiny product
+    assert not use_onednn(x.double(), w.double())
+    assert not use_onednn(torch.randn(64, 256, device="meta"), w.to("meta"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not use_onednn(x, w)
+        assert linear(x, w).dtype == torch.bfloat16  # autocast decides, as for F.linear
+    m = Linear(256, 512)
+    assert set(m.state_dict()) == {"weight", "bias"}
