@@ -11,6 +11,14 @@ For every level l: ``y_l = GN(Conv1x1_l(C_l))`` with
 Params: sum(C_l) * 256 + 4 * 256 + 512 -> 984,576 for (256, 512, 1024, 2048) and 370,176 for
 Swin-S (96, 192, 384, 768).
 
+CPU float32 with channels-last inputs (what :class:`~stageinteractor.d2.backbone.ResNet`'s folded
+path returns): each lateral conv is one oneDNN GEMM over the pixel rows with the bias fused
+(:func:`stageinteractor.core.gemm.linear`, forward and backward; ~2x the 1x1 conv's THNN rate on
+the measured AMD CPU). Output layout: contiguous (NCHW) maps in training (one layout copy per level
+before the GroupNorm, whose NCHW kernel is ~2x faster forward + backward than its channels-last
+one; the training sampler's ``grid_sample`` reads NCHW), channels-last maps in CPU inference (see
+:meth:`ChannelMapping.forward`). Other inputs (NCHW, CUDA, autocast, tracing) run ``nn.Conv2d``.
+
 Official key mapping (mmdet ``neck.``): ``lateral_convs.{l}.conv.{weight,bias}`` ->
 ``lateral_convs.{l}.{weight,bias}``; ``gn_out.*`` -> ``gn_out.*``.
 """
@@ -20,6 +28,8 @@ import torch
 import torch.nn as nn
 
 from detectron2.layers import ShapeSpec
+
+from stageinteractor.core import gemm
 
 __all__ = ["ChannelMapping"]
 
@@ -86,7 +96,7 @@ class ChannelMapping(nn.Module):
             features = [features[f] for f in self.in_features]
         if len(features) != len(self.lateral_convs):
             raise ValueError(f"expected {len(self.lateral_convs)} levels, got {len(features)}")
-        out = [self.gn_out(conv(x)) for conv, x in zip(self.lateral_convs, features)]
+        out = [self.gn_out(self._lateral(conv, x)) for conv, x in zip(self.lateral_convs, features)]
         if not self.training and out[0].device.type == "cpu" and not torch.jit.is_tracing():
             # CPU inference: channels-last maps (same values, one layout copy per level). The
             # decoder's sampler reads every map at 4 corners x 100s of points x 6 stages, and
@@ -95,6 +105,20 @@ class ChannelMapping(nn.Module):
             # ``PointSampler.fold``). Training and GPUs keep the contiguous layout.
             out = [f.contiguous(memory_format=torch.channels_last) for f in out]
         return out
+
+    def _lateral(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """``conv(x)`` for x (B, C_l, H, W) -> (B, out_channels, H, W). A channels-last x whose
+        product :func:`gemm.use_onednn` takes runs as one oneDNN GEMM over its (B*H*W, C_l) pixel
+        rows (a free view); the result is channels-last in CPU inference, contiguous in training
+        (module doc)."""
+        if x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous():
+            b, c, h, w = x.shape
+            rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)
+            weight = conv.weight.flatten(1)
+            if gemm.use_onednn(rows, weight):
+                y = gemm.linear(rows, weight, conv.bias).view(b, h, w, -1).permute(0, 3, 1, 2)
+                return y.contiguous() if self.training else y
+        return conv(x)
 
     def output_shape(self) -> List[ShapeSpec]:
         return [ShapeSpec(channels=self.out_channels, stride=s) for s in self.strides]

@@ -28,6 +28,20 @@ State-dict naming (detectron2 convention, so ``R-50.pkl`` style keys match one t
 with k = 2..5 (torchvision ``layer{k-1}``). :class:`EvalBatchNorm2d` has no
 ``num_batches_tracked`` buffer. Feature names: ``res2..res5`` (strides 4/8/16/32, channels
 256/512/1024/2048 for every depth here).
+
+**Folded CPU path** (:func:`use_folded`; CPU float32, no autocast, not tracing / exporting /
+compiling, oneDNN available). An EvalBN after a conv is an affine map per output channel, so
+``BN(conv(x, W)) = conv(x, W * s) + t`` with ``s = gamma / sqrt(var + eps)`` and ``t = beta -
+mean * s`` (:meth:`Conv2dNorm.folded`; the gradients to ``W``, ``gamma`` and ``beta`` flow through
+autograd of this small expression). The backbone then runs channels-last (NHWC): a 1x1 conv is one
+oneDNN GEMM over the ``N*H*W`` pixel rows with the bias fused (:func:`stageinteractor.core.gemm.
+linear`; a stride-2 1x1 shortcut subsamples first), 3x3 / 7x7 convs go to oneDNN's channels-last
+convolution with the bias fused. No BatchNorm pass runs, forward or backward, and no conv output
+is kept for one. Measured at 800x1216, batch 2, 1 thread (backbone + neck forward and backward):
+see ``docs/BENCHMARKS.md``. The values equal the conv + BN path's up to float round-off; the
+output maps are then channels-last (same shapes and values; ``ChannelMapping`` reads their pixel
+rows without a copy). Every other case (CUDA, meta / fake stand-ins, autocast, float64, tracing,
+DCN blocks, detectron2 norms) runs the plain ``conv -> norm`` modules.
 """
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
@@ -38,6 +52,9 @@ from torchvision.ops import deform_conv2d
 
 from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling import Backbone
+
+from stageinteractor.core import gemm
+from stageinteractor.core.tracing import is_tracing
 
 __all__ = [
     "EvalBatchNorm2d",
@@ -50,6 +67,7 @@ __all__ = [
     "build_resnet50",
     "build_resnet101",
     "build_resnext101_32x4d_dcn",
+    "use_folded",
 ]
 
 NormSpec = Union[str, Callable[[int], nn.Module], None]
@@ -96,10 +114,26 @@ def _make_norm(norm: NormSpec, channels: int) -> Optional[nn.Module]:
     return get_norm(norm, channels)
 
 
+def use_folded(x: torch.Tensor) -> bool:
+    """Whether the backbone runs ``x`` on the folded channels-last CPU path (module doc): a CPU
+    float32 tensor, no CPU autocast, not tracing / exporting / compiling, oneDNN enabled."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and not is_tracing()
+    )
+
+
 class Conv2dNorm(nn.Conv2d):
     """``nn.Conv2d`` followed by an optional norm stored as the child ``.norm``.
 
-    Same state-dict layout as ``detectron2.layers.Conv2d`` (``weight``, ``norm.*``)."""
+    Same state-dict layout as ``detectron2.layers.Conv2d`` (``weight``, ``norm.*``).
+
+    With an :class:`EvalBatchNorm2d` norm, :meth:`forward_folded` computes the same function with
+    the norm folded into the conv (see the module doc)."""
 
     def __init__(self, *args, norm: Optional[nn.Module] = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -110,6 +144,45 @@ class Conv2dNorm(nn.Conv2d):
         if self.norm is not None:
             x = self.norm(x)
         return x
+
+    @property
+    def foldable(self) -> bool:
+        """The norm is an :class:`EvalBatchNorm2d` (an affine map per channel) and the conv has
+        no padding mode other than zeros."""
+        return isinstance(self.norm, EvalBatchNorm2d) and self.padding_mode == "zeros"
+
+    def folded(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(W * s, t)``: weight (out, in/groups, kh, kw) and bias (out,) of the conv with the
+        EvalBN folded in, ``s = gamma / sqrt(running_var + eps)``, ``t = beta - running_mean * s``
+        (+ ``conv.bias * s``). Differentiable in ``weight``, ``gamma``, ``beta`` (and the bias)."""
+        bn = self.norm
+        s = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        t = bn.bias - bn.running_mean * s
+        if self.bias is not None:
+            t = t + self.bias * s
+        return self.weight * s.view(-1, 1, 1, 1), t
+
+    def forward_folded(self, x: torch.Tensor, *, rows: bool = False) -> torch.Tensor:
+        """``self(x)`` for a :attr:`foldable` conv, with the norm folded in (CPU, :func:`use_folded`).
+
+        x: (N, C_in, H, W), best channels-last. A 1x1 ungrouped unpadded conv is one GEMM over
+        the pixel rows (a stride > 1 first subsamples x); any other conv is ``F.conv2d`` with
+        the folded bias (oneDNN, channels-last in, channels-last out). Returns (N, C_out, H', W')
+        channels-last, or with ``rows=True`` for a 1x1 conv the (N*H'*W', C_out) pixel rows."""
+        w, t = self.folded()
+        if self.kernel_size == (1, 1) and self.groups == 1 and self.padding == (0, 0):
+            sh, sw = self.stride
+            if sh > 1 or sw > 1:
+                x = x[:, :, ::sh, ::sw]
+            n, c, h, wd = x.shape
+            y = gemm.linear(x.permute(0, 2, 3, 1).reshape(n * h * wd, c), w.flatten(1), t)
+            return y if rows else y.view(n, h, wd, -1).permute(0, 3, 1, 2)
+        if rows:
+            raise ValueError("rows=True needs a 1x1 conv")
+        return F.conv2d(
+            x.contiguous(memory_format=torch.channels_last), w, t,
+            self.stride, self.padding, self.dilation, self.groups,
+        )
 
 
 class DeformConv2d(nn.Module):
@@ -238,7 +311,16 @@ class BottleneckBlock(nn.Module):
             nn.init.zeros_(self.conv2_offset.weight)
             nn.init.zeros_(self.conv2_offset.bias)
 
+    @property
+    def foldable(self) -> bool:
+        """Every conv is a :attr:`Conv2dNorm.foldable` conv (EvalBN, no DCN)."""
+        return not self.dcn and all(
+            m.foldable for m in (self.conv1, self.conv2, self.conv3, self.shortcut) if m is not None
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.foldable and use_folded(x):
+            return self.forward_folded(x)
         out = F.relu_(self.conv1(x))
         if self.dcn:
             out = self.conv2(out, self.conv2_offset(out))
@@ -248,6 +330,21 @@ class BottleneckBlock(nn.Module):
         out = self.conv3(out)
         identity = x if self.shortcut is None else self.shortcut(x)
         return F.relu_(out + identity)
+
+    def forward_folded(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function on the folded channels-last path (module doc): x (N, C, H, W)
+        -> (N, C_out, H', W') channels-last."""
+        n = x.shape[0]
+        out = F.relu_(self.conv1.forward_folded(x))
+        out = F.relu_(self.conv2.forward_folded(out))
+        h, w = out.shape[-2:]
+        out = self.conv3.forward_folded(out, rows=True)  # (N*H'*W', C_out)
+        if self.shortcut is None:
+            identity = x.permute(0, 2, 3, 1).reshape(out.shape)
+        else:
+            identity = self.shortcut.forward_folded(x, rows=True)
+        out = F.relu_(out + identity)
+        return out.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
 class ResNetStem(nn.Module):
@@ -263,7 +360,10 @@ class ResNetStem(nn.Module):
         nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu_(self.conv1(x))
+        if self.conv1.foldable and use_folded(x):
+            x = F.relu_(self.conv1.forward_folded(x))  # channels-last
+        else:
+            x = F.relu_(self.conv1(x))
         return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
 
 
@@ -284,7 +384,8 @@ class ResNet(Backbone):
         out_features: subset of ``("res2", "res3", "res4", "res5")``.
         in_channels: image channels.
 
-    ``forward(x)`` with x (B, 3, H, W) returns ``{name: (B, C, ceil(H/s), ceil(W/s))}``.
+    ``forward(x)`` with x (B, 3, H, W) returns ``{name: (B, C, ceil(H/s), ceil(W/s))}``
+    (channels-last maps on the folded CPU path of EvalBN ResNets, see the module doc).
     """
 
     def __init__(
