@@ -13,11 +13,14 @@ Swin-S (96, 192, 384, 768).
 
 CPU float32 with channels-last inputs (what :class:`~stageinteractor.d2.backbone.ResNet`'s folded
 path returns): each lateral conv is one oneDNN GEMM over the pixel rows with the bias fused
-(:func:`stageinteractor.core.gemm.linear`, forward and backward; ~2x the 1x1 conv's THNN rate on
-the measured AMD CPU). Output layout: contiguous (NCHW) maps in training (one layout copy per level
-before the GroupNorm, whose NCHW kernel is ~2x faster forward + backward than its channels-last
-one; the training sampler's ``grid_sample`` reads NCHW), channels-last maps in CPU inference (see
-:meth:`ChannelMapping.forward`). Other inputs (NCHW, CUDA, autocast, tracing) run ``nn.Conv2d``.
+(:func:`stageinteractor.d2.backbone.rows.rows_linear`, forward and backward; ~2x the 1x1 conv's
+THNN rate on the measured AMD CPU). Output layout: contiguous (NCHW) maps in training (one layout
+copy per level before the GroupNorm), channels-last maps in CPU inference (see
+:meth:`ChannelMapping.forward`). Measured (800x1216 / 512x768, batch 2, 1 thread): the neck alone
+is ~1.5x faster with channels-last training output (GroupNorm on channels-last, no copy), but the
+whole R50-100q training step is ~1.4x SLOWER with it, because channels-last maps switch the
+decoder's sampler to its gather kernel, whose training backward is slower than grid_sample's; so
+training keeps contiguous maps. Other inputs (NCHW, CUDA, autocast, tracing) run ``nn.Conv2d``.
 
 Official key mapping (mmdet ``neck.``): ``lateral_convs.{l}.conv.{weight,bias}`` ->
 ``lateral_convs.{l}.{weight,bias}``; ``gn_out.*`` -> ``gn_out.*``.
@@ -30,6 +33,8 @@ import torch.nn as nn
 from detectron2.layers import ShapeSpec
 
 from stageinteractor.core import gemm
+
+from .backbone.rows import rows_linear
 
 __all__ = ["ChannelMapping"]
 
@@ -116,7 +121,7 @@ class ChannelMapping(nn.Module):
             rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)
             weight = conv.weight.flatten(1)
             if gemm.use_onednn(rows, weight):
-                y = gemm.linear(rows, weight, conv.bias).view(b, h, w, -1).permute(0, 3, 1, 2)
+                y = rows_linear(rows, weight, conv.bias).view(b, h, w, -1).permute(0, 3, 1, 2)
                 return y.contiguous() if self.training else y
         return conv(x)
 

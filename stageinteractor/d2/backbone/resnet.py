@@ -35,7 +35,8 @@ compiling, oneDNN available). An EvalBN after a conv is an affine map per output
 mean * s`` (:meth:`Conv2dNorm.folded`; the gradients to ``W``, ``gamma`` and ``beta`` flow through
 autograd of this small expression). The backbone then runs channels-last (NHWC): a 1x1 conv is one
 oneDNN GEMM over the ``N*H*W`` pixel rows with the bias fused (:func:`stageinteractor.core.gemm.
-linear`; a stride-2 1x1 shortcut subsamples first), 3x3 / 7x7 convs go to oneDNN's channels-last
+linear` products in :func:`.rows.rows_linear`, ReLU / residual add fused; a stride-2 1x1
+shortcut subsamples first), 3x3 / 7x7 convs go to oneDNN's channels-last
 convolution with the bias fused. No BatchNorm pass runs, forward or backward, and no conv output
 is kept for one. Measured at 800x1216, batch 2, 1 thread (backbone + neck forward and backward):
 see ``docs/BENCHMARKS.md``. The values equal the conv + BN path's up to float round-off; the
@@ -53,8 +54,9 @@ from torchvision.ops import deform_conv2d
 from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling import Backbone
 
-from stageinteractor.core import gemm
 from stageinteractor.core.tracing import is_tracing
+
+from .rows import rows_linear
 
 __all__ = [
     "EvalBatchNorm2d",
@@ -162,27 +164,35 @@ class Conv2dNorm(nn.Conv2d):
             t = t + self.bias * s
         return self.weight * s.view(-1, 1, 1, 1), t
 
-    def forward_folded(self, x: torch.Tensor, *, rows: bool = False) -> torch.Tensor:
+    def forward_folded(
+        self, x: torch.Tensor, *, rows: bool = False, relu: bool = False,
+        add: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """``self(x)`` for a :attr:`foldable` conv, with the norm folded in (CPU, :func:`use_folded`).
 
         x: (N, C_in, H, W), best channels-last. A 1x1 ungrouped unpadded conv is one GEMM over
-        the pixel rows (a stride > 1 first subsamples x); any other conv is ``F.conv2d`` with
-        the folded bias (oneDNN, channels-last in, channels-last out). Returns (N, C_out, H', W')
-        channels-last, or with ``rows=True`` for a 1x1 conv the (N*H'*W', C_out) pixel rows."""
+        the pixel rows (a stride > 1 first subsamples x), with ``relu`` (a ReLU after) or ``add``
+        ((N*H'*W', C_out) rows added, the residual) fused into it; any other conv is ``F.conv2d``
+        with the folded bias (oneDNN, channels-last in, channels-last out; ``relu`` applied in
+        place after it). Returns (N, C_out, H', W') channels-last, or with ``rows=True`` for a
+        1x1 conv the (N*H'*W', C_out) pixel rows."""
         w, t = self.folded()
         if self.kernel_size == (1, 1) and self.groups == 1 and self.padding == (0, 0):
             sh, sw = self.stride
             if sh > 1 or sw > 1:
                 x = x[:, :, ::sh, ::sw]
             n, c, h, wd = x.shape
-            y = gemm.linear(x.permute(0, 2, 3, 1).reshape(n * h * wd, c), w.flatten(1), t)
+            y = rows_linear(
+                x.permute(0, 2, 3, 1).reshape(n * h * wd, c), w.flatten(1), t, add, relu
+            )
             return y if rows else y.view(n, h, wd, -1).permute(0, 3, 1, 2)
-        if rows:
-            raise ValueError("rows=True needs a 1x1 conv")
-        return F.conv2d(
+        if rows or add is not None:
+            raise ValueError("rows=True and add need a 1x1 conv")
+        y = F.conv2d(
             x.contiguous(memory_format=torch.channels_last), w, t,
             self.stride, self.padding, self.dilation, self.groups,
         )
+        return F.relu_(y) if relu else y
 
 
 class DeformConv2d(nn.Module):
@@ -334,17 +344,16 @@ class BottleneckBlock(nn.Module):
     def forward_folded(self, x: torch.Tensor) -> torch.Tensor:
         """The same function on the folded channels-last path (module doc): x (N, C, H, W)
         -> (N, C_out, H', W') channels-last."""
-        n = x.shape[0]
-        out = F.relu_(self.conv1.forward_folded(x))
-        out = F.relu_(self.conv2.forward_folded(out))
-        h, w = out.shape[-2:]
-        out = self.conv3.forward_folded(out, rows=True)  # (N*H'*W', C_out)
         if self.shortcut is None:
-            identity = x.permute(0, 2, 3, 1).reshape(out.shape)
+            n, c, h, w = x.shape
+            identity = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view when channels-last
         else:
             identity = self.shortcut.forward_folded(x, rows=True)
-        out = F.relu_(out + identity)
-        return out.view(n, h, w, -1).permute(0, 3, 1, 2)
+        out = self.conv1.forward_folded(x, relu=True)
+        out = self.conv2.forward_folded(out, relu=True)
+        n, _, h, w = out.shape
+        out = self.conv3.forward_folded(out, rows=True, add=identity)  # (N*H'*W', C_out)
+        return F.relu_(out).view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
 class ResNetStem(nn.Module):
@@ -361,7 +370,7 @@ class ResNetStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv1.foldable and use_folded(x):
-            x = F.relu_(self.conv1.forward_folded(x))  # channels-last
+            x = self.conv1.forward_folded(x, relu=True)  # channels-last
         else:
             x = F.relu_(self.conv1(x))
         return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
