@@ -62,7 +62,8 @@ def test_rows_linear_forward_backward_float64(monkeypatch, mode, conv_wgrad):
 
 
 def test_rows_linear_falls_back_off_onednn():
-    x, w, b = torch.randn(50, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    f64 = torch.float64
+    x, w, b = torch.randn(50, 8, dtype=f64), torch.randn(6, 8, dtype=f64), torch.randn(6, dtype=f64)
     torch.testing.assert_close(rows_linear(x, w, b, relu=True), (x @ w.t() + b).clamp_min(0))
     other = torch.randn(50, 6, dtype=torch.float64)
     torch.testing.assert_close(rows_linear(x, w, b, other=other), x @ w.t() + b + other)

@@ -197,7 +197,8 @@ def test_neck_on_channels_last_maps_matches_float64_reference():
         out = neck(xs)
         # training: contiguous maps (the training sampler's layout); inference: channels-last
         for o in out:
-            assert o.is_contiguous() if training else o.is_contiguous(memory_format=torch.channels_last)
+            cl = o.is_contiguous(memory_format=torch.channels_last)
+            assert o.is_contiguous() if training else cl
         proj = [torch.randn(o.shape, dtype=torch.float64) for o in out]
         sum((o * q.float()).sum() for o, q in zip(out, proj)).backward()
         p = {n: t.detach().double().requires_grad_(True) for n, t in neck.named_parameters()}

@@ -171,7 +171,7 @@ class Conv2dNorm(nn.Conv2d):
         self, x: torch.Tensor, *, rows: bool = False, relu: bool = False,
         add: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """``self(x)`` for a :attr:`foldable` conv, with the norm folded in (CPU, :func:`use_folded`).
+        """``self(x)`` for a :attr:`foldable` conv with the norm folded in (CPU, :func:`use_folded`).
 
         x: (N, C_in, H, W), best channels-last. A 1x1 ungrouped unpadded conv is one GEMM over
         the pixel rows (a stride > 1 first subsamples x), with ``relu`` (a ReLU after) or ``add``

@@ -96,9 +96,10 @@ def rows_linear(
     ops; the values are the same up to float round-off."""
     if relu and other is not None:
         raise ValueError("rows_linear: relu and other are exclusive")
-    if not gemm.use_onednn(x, weight) or (
-        other is not None and (other.dtype != torch.float32 or other.shape != (x.shape[0], weight.shape[0]))
-    ):
+    odd_other = other is not None and (
+        other.dtype != torch.float32 or other.shape != (x.shape[0], weight.shape[0])
+    )
+    if odd_other or not gemm.use_onednn(x, weight):
         y = gemm.linear(x, weight, bias)
         if other is not None:
             y = y + other
