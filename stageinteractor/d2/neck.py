@@ -12,15 +12,16 @@ Params: sum(C_l) * 256 + 4 * 256 + 512 -> 984,576 for (256, 512, 1024, 2048) and
 Swin-S (96, 192, 384, 768).
 
 CPU float32 with channels-last inputs (what :class:`~stageinteractor.d2.backbone.ResNet`'s folded
-path returns): each lateral conv is one oneDNN GEMM over the pixel rows with the bias fused
-(:func:`stageinteractor.d2.backbone.rows.rows_linear`, forward and backward; ~2x the 1x1 conv's
-THNN rate on the measured AMD CPU). Output layout: contiguous (NCHW) maps in training (one layout
-copy per level before the GroupNorm), channels-last maps in CPU inference (see
-:meth:`ChannelMapping.forward`). Measured (800x1216 / 512x768, batch 2, 1 thread): the neck alone
-is ~1.5x faster with channels-last training output (GroupNorm on channels-last, no copy), but the
-whole R50-100q training step is ~1.4x SLOWER with it, because channels-last maps switch the
-decoder's sampler to its gather kernel, whose training backward is slower than grid_sample's; so
-training keeps contiguous maps. Other inputs (NCHW, CUDA, autocast, tracing) run ``nn.Conv2d``.
+path returns, :func:`~stageinteractor.d2.backbone.resnet.use_folded`): each lateral conv runs on
+oneDNN's convolution (dilation 2, no effect on a 1x1 kernel, keeps torch from its ~2x slower THNN
+kernel for unstrided 1x1 convs at 1 thread; see the resnet module doc). Output layout: contiguous
+(NCHW) maps in training (one layout copy per level before the GroupNorm), channels-last maps in
+CPU inference (see :meth:`ChannelMapping.forward`). Measured (800x1216 / 512x768, batch 2, 1
+thread): the neck alone is ~1.5x faster with channels-last training output (GroupNorm on
+channels-last, no copy), but the whole R50-100q training step is ~1.4x SLOWER with it, because
+channels-last maps switch the decoder's sampler to its gather kernel, whose training backward is
+slower than grid_sample's; so training keeps contiguous maps. Other inputs (NCHW, CUDA, autocast,
+tracing) run ``nn.Conv2d`` as it is.
 
 Official key mapping (mmdet ``neck.``): ``lateral_convs.{l}.conv.{weight,bias}`` ->
 ``lateral_convs.{l}.{weight,bias}``; ``gn_out.*`` -> ``gn_out.*``.
@@ -29,12 +30,11 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from detectron2.layers import ShapeSpec
 
-from stageinteractor.core import gemm
-
-from .backbone.rows import rows_linear
+from .backbone.resnet import use_folded
 
 __all__ = ["ChannelMapping"]
 
@@ -112,17 +112,12 @@ class ChannelMapping(nn.Module):
         return out
 
     def _lateral(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-        """``conv(x)`` for x (B, C_l, H, W) -> (B, out_channels, H, W). A channels-last x whose
-        product :func:`gemm.use_onednn` takes runs as one oneDNN GEMM over its (B*H*W, C_l) pixel
-        rows (a free view); the result is channels-last in CPU inference, contiguous in training
-        (module doc)."""
-        if x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous():
-            b, c, h, w = x.shape
-            rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)
-            weight = conv.weight.flatten(1)
-            if gemm.use_onednn(rows, weight):
-                y = rows_linear(rows, weight, conv.bias).view(b, h, w, -1).permute(0, 3, 1, 2)
-                return y.contiguous() if self.training else y
+        """``conv(x)`` for x (B, C_l, H, W) -> (B, out_channels, H, W). A channels-last x on the
+        folded CPU path runs on oneDNN's convolution; the result is channels-last in CPU
+        inference, contiguous in training (module doc)."""
+        if x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous() and use_folded(x):
+            y = F.conv2d(x, conv.weight, conv.bias, 1, 0, 2)  # dilation 2: oneDNN, not THNN
+            return y.contiguous() if self.training else y
         return conv(x)
 
     def output_shape(self) -> List[ShapeSpec]:

@@ -1,5 +1,5 @@
 """The folded channels-last CPU path of the ResNet backbone and the neck (EvalBN folded into the
-convs, 1x1 convs as oneDNN GEMMs over pixel rows).
+convs, every conv on oneDNN's channels-last convolution, 1x1 convs included).
 
 Reference: a float64 brute-force ResNet written here from the module's parameters with plain
 ``F.conv2d`` + ``F.batch_norm(training=False)`` + ``F.relu`` + ``F.max_pool2d`` (it never calls the
@@ -112,7 +112,7 @@ def test_folded_resnet_matches_float64_conv_bn_reference(freeze_at):
     sum((ref[k] * proj[k]).sum() for k in ref).backward()
     for k in out:
         assert out[k].shape == ref[k].shape
-        # the folded path hands out channels-last maps (the neck reads their rows)
+        # the folded path hands out channels-last maps
         assert out[k].is_contiguous(memory_format=torch.channels_last), k
         assert _rel(out[k], ref[k]) < TOL, (k, _rel(out[k], ref[k]))
     if freeze_at == 0:

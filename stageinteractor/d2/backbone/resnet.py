@@ -33,12 +33,13 @@ with k = 2..5 (torchvision ``layer{k-1}``). :class:`EvalBatchNorm2d` has no
 compiling, oneDNN available). An EvalBN after a conv is an affine map per output channel, so
 ``BN(conv(x, W)) = conv(x, W * s) + t`` with ``s = gamma / sqrt(var + eps)`` and ``t = beta -
 mean * s`` (:meth:`Conv2dNorm.folded`; the gradients to ``W``, ``gamma`` and ``beta`` flow through
-autograd of this small expression). The backbone then runs channels-last (NHWC): a 1x1 conv is
-one oneDNN GEMM over the ``N*H*W`` pixel rows with the bias, and the block's first ReLU or its
-residual add, fused (:func:`.rows.rows_linear`; a stride-2 1x1 shortcut subsamples first); 3x3 /
-7x7 convs go to oneDNN's channels-last convolution with the bias fused. No BatchNorm pass runs,
-forward or backward, and no conv output is kept for one. The values equal the conv + BN path's
-up to float round-off; the output maps are channels-last (same shapes and values;
+autograd of this small expression). The backbone then runs channels-last (NHWC) on oneDNN's
+convolutions with the bias fused, 1x1 convs included (:meth:`Conv2dNorm.forward_folded`: ~2x the
+rate of the THNN kernel torch otherwise picks for them at 1 thread; measured also against 1x1
+convs as oneDNN GEMMs over the pixel rows with fused ReLU / residual add, which were 2-5 % slower
+in the whole backbone). No BatchNorm pass runs, forward or backward, and no conv output is kept
+for one; the residual add runs in place. The values equal the conv + BN path's up to float
+round-off; the output maps are channels-last (same shapes and values;
 ``ChannelMapping`` reads their pixel rows without a copy). Every other case (CUDA, meta / fake
 stand-ins, autocast, float64, tracing, DCN blocks, detectron2 norms) runs the plain
 ``conv -> norm`` modules.
@@ -58,8 +59,6 @@ from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling import Backbone
 
 from stageinteractor.core.tracing import is_tracing
-
-from .rows import rows_linear
 
 __all__ = [
     "EvalBatchNorm2d",
@@ -167,33 +166,20 @@ class Conv2dNorm(nn.Conv2d):
             t = t + self.bias * s
         return self.weight * s.view(-1, 1, 1, 1), t
 
-    def forward_folded(
-        self, x: torch.Tensor, *, rows: bool = False, relu: bool = False,
-        add: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """``self(x)`` for a :attr:`foldable` conv with the norm folded in (CPU, :func:`use_folded`).
-
-        x: (N, C_in, H, W), best channels-last. A 1x1 ungrouped unpadded conv is one GEMM over
-        the pixel rows (a stride > 1 first subsamples x), with ``relu`` (a ReLU after) or ``add``
-        ((N*H'*W', C_out) rows added, the residual) fused into it; any other conv is ``F.conv2d``
-        with the folded bias (oneDNN, channels-last in, channels-last out; ``relu`` applied in
-        place after it). Returns (N, C_out, H', W') channels-last, or with ``rows=True`` for a
-        1x1 conv the (N*H'*W', C_out) pixel rows."""
+    def forward_folded(self, x: torch.Tensor, *, relu: bool = False) -> torch.Tensor:
+        """``self(x)`` (then a ReLU, in place, with ``relu``) for a :attr:`foldable` conv with the
+        norm folded in (CPU, :func:`use_folded`): ``F.conv2d(x, W * s, t)`` on a channels-last x,
+        which oneDNN computes with the bias fused (channels-last out). An unstrided 1x1 conv is
+        given dilation 2 (no effect on a 1x1 kernel): torch sends unstrided undilated 1x1 convs at
+        1 thread and batch < 16 to its THNN kernel, at about half oneDNN's rate forward and
+        backward on the measured CPU (module doc)."""
         w, t = self.folded()
-        if self.kernel_size == (1, 1) and self.groups == 1 and self.padding == (0, 0):
-            sh, sw = self.stride
-            if sh > 1 or sw > 1:
-                x = x[:, :, ::sh, ::sw]
-            n, c, h, wd = x.shape
-            y = rows_linear(
-                x.permute(0, 2, 3, 1).reshape(n * h * wd, c), w.flatten(1), t, add, relu
-            )
-            return y if rows else y.view(n, h, wd, -1).permute(0, 3, 1, 2)
-        if rows or add is not None:
-            raise ValueError("rows=True and add need a 1x1 conv")
+        dilation = self.dilation
+        if self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0):
+            dilation = (2, 2)
         y = F.conv2d(
             x.contiguous(memory_format=torch.channels_last), w, t,
-            self.stride, self.padding, self.dilation, self.groups,
+            self.stride, self.padding, dilation, self.groups,
         )
         return F.relu_(y) if relu else y
 
@@ -347,16 +333,12 @@ class BottleneckBlock(nn.Module):
     def forward_folded(self, x: torch.Tensor) -> torch.Tensor:
         """The same function on the folded channels-last path (module doc): x (N, C, H, W)
         -> (N, C_out, H', W') channels-last."""
-        if self.shortcut is None:
-            n, c, h, w = x.shape
-            identity = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view when channels-last
-        else:
-            identity = self.shortcut.forward_folded(x, rows=True)
         out = self.conv1.forward_folded(x, relu=True)
         out = self.conv2.forward_folded(out, relu=True)
-        n, _, h, w = out.shape
-        out = self.conv3.forward_folded(out, rows=True, add=identity)  # (N*H'*W', C_out)
-        return F.relu_(out).view(n, h, w, -1).permute(0, 3, 1, 2)
+        out = self.conv3.forward_folded(out)
+        identity = x if self.shortcut is None else self.shortcut.forward_folded(x)
+        # conv3's output is not saved by its backward: the residual add can run in place
+        return F.relu_(out.add_(identity))
 
 
 class ResNetStem(nn.Module):
