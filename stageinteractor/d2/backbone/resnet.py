@@ -45,8 +45,10 @@ stand-ins, autocast, float64, tracing, DCN blocks, detectron2 norms) runs the pl
 ``conv -> norm`` modules.
 
 Measured on the 2-core AMD EPYC (AVX-512), R50 + ChannelMapping forward and backward, training
-mode, batch 2, 800x1216, 1 thread, one process interleaved with the plain path (other jobs on the
-cores, load 2.3-2.9): 16.5 -> 9.1 s (best of 3); peak memory above the model 2373 -> 1644 MiB.
+mode, batch 2, 800x1216, one process interleaved with the plain path (other jobs on the cores,
+load 1.8-2.4), best of 3: 1 thread 12.3 -> 7.7 s (process CPU time 12.1 -> 7.6 s), 2 threads
+6.1 -> 3.9 s; peak memory above the model 2395 -> 1532 MiB. Whole R50-100q training step, 1
+thread, best of 2: 15.9 -> 12.3 s.
 """
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
