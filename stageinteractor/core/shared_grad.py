@@ -1,0 +1,252 @@
+"""One sparse map gradient shared by every decoder stage's point sampling (CPU training).
+
+Every stage samples the same L feature maps. With plain autograd each stage's sampling backward
+(``grid_sampler_2d_backward`` / ``embedding_bag``'s dense backward) zero-fills a gradient the
+size of every map and autograd then adds the stages' dense gradients map by map, although each
+stage touches only a few rows (200 queries x 4 groups x 32 points x 4 corners per level). Here:
+
+* :func:`collect` runs once per forward (``PointSampler.prepare``): an identity-like autograd
+  Function from the L maps (B, C, H, W) to their row tables (B*H*W*G, C/G) (a free view of a
+  channels-last map, one channels-last copy of a contiguous one). Every stage samples from its
+  outputs, so autograd runs its backward only after all stages' backwards: it hands each map
+  the accumulated gradient (as a channels-last view; plus any dense gradient that reached the
+  tables some other way) and resets the accumulator.
+* :func:`bag` is one stage's sampling: per level ``F.embedding_bag(mode="sum")`` of 4 weighted
+  corner rows per point, summed over the levels. Its backward returns the exact gradient of
+  the corner weights (``_embedding_bag_per_sample_weights_backward``: per corner the dot
+  product of the output gradient and the table row) and scatter-adds ``weight x output
+  gradient`` into the shared per-level accumulator (``index_add_`` on the (rows, C/G) table
+  shape; zero-filled once per backward, on first use) instead of returning a map gradient.
+
+Robustness: the stage backward adds to the accumulator only if the engine will run the
+collector in this backward (``torch.autograd.grad`` with inputs that exclude the maps leaves it
+out), the collector takes the accumulator and clears it (``retain_graph`` and repeated
+backwards start from zero), maps that do not require grad get no accumulator, stages whose
+backward does not run add nothing. Both Functions are once-differentiable.
+"""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["MapGradSink", "collect", "bag", "grid_sample"]
+
+_MODE_SUM = 0  # embedding_bag mode code of "sum"
+
+
+class MapGradSink:
+    """The shared state of one prepared pyramid.
+
+    acc: per level a (rows, C/G) gradient accumulator (None: no stage backward has added yet in
+        this backward, or the level's map needs no gradient).
+    needs: per level whether the map requires grad.
+    node: the collector's autograd node (asked whether this backward will run it).
+    bags: cache of the point index of every corner, ``arange(M).repeat_interleave(4)``, per M.
+    """
+
+    __slots__ = ("acc", "needs", "node", "bags")
+
+    def __init__(self, needs: Sequence[bool]):
+        self.acc: Optional[List[Optional[Tensor]]] = None
+        self.needs = list(needs)
+        self.node = None
+        self.bags: Dict[int, Tensor] = {}
+
+    def accumulator(self, level: int, rows: int, like: Tensor) -> Tensor:
+        """Level ``level``'s (rows, C/G) accumulator (C/G, dtype and device of ``like`` (..., C/G)),
+        zero-filled on its first use in a backward."""
+        if self.acc is None:
+            self.acc = [None] * len(self.needs)
+        a = self.acc[level]
+        if a is None:
+            a = self.acc[level] = like.new_zeros(rows, like.shape[-1])
+        return a
+
+    def will_collect(self) -> bool:
+        """Whether the collector runs in the backward now in progress."""
+        return self.node is not None and torch._C._will_engine_execute_node(self.node)
+
+    def point_of_corner(self, num_points: int, device: torch.device) -> Tensor:
+        b = self.bags.get(num_points)
+        if b is None:
+            b = torch.arange(num_points, device=device).repeat_interleave(4)
+            self.bags[num_points] = b
+        return b
+
+
+class _Collect(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, sink: MapGradSink, num_groups: int, as_tables: bool, *maps: Tensor) -> Tuple[Tensor, ...]:
+        ctx.set_materialize_grads(False)
+        ctx.sink = sink
+        ctx.shapes = [m.shape for m in maps]
+        if not as_tables:
+            return tuple(m.view_as(m) for m in maps)
+        tables = []
+        for m in maps:
+            B, C, H, W = m.shape
+            hwc = m.permute(0, 2, 3, 1)
+            if not hwc.is_contiguous():
+                hwc = hwc.contiguous()  # NCHW -> channels-last, once per forward
+            tables.append(hwc.view(B * H * W * num_groups, C // num_groups))
+        return tuple(tables)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: Optional[Tensor]):
+        sink = ctx.sink
+        acc, sink.acc = sink.acc, None
+        out: List[Optional[Tensor]] = []
+        for lvl, (g, shape) in enumerate(zip(grads, ctx.shapes)):
+            a = acc[lvl] if acc is not None else None
+            if not ctx.needs_input_grad[3 + lvl] or (a is None and g is None):
+                out.append(None)
+                continue
+            B, C, H, W = shape
+            if a is not None:
+                a = a.view(B, H, W, C).permute(0, 3, 1, 2)  # channels-last (B, C, H, W) view
+            if g is not None:
+                if g.shape != shape:  # a gradient that reached a row table directly
+                    g = g.reshape(B, H, W, C).permute(0, 3, 1, 2)
+                a = g if a is None else a.add_(g)
+            out.append(a)
+        return (None, None, None, *out)
+
+
+def _scatter(acc: Tensor, rows: Tensor, weights: Tensor, grad: Tensor) -> None:
+    """``acc[rows[i]] += (grad * weights)[i]`` over the R = len(rows) corners: ``grad * weights``
+    broadcasts to R rows of C/G (acc (rows, C/G)); one index_add_."""
+    acc.index_add_(0, rows, (grad * weights).view(rows.shape[0], grad.shape[-1]))
+
+
+class _Bag(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows: Tensor, weights: Tensor, offsets: Tensor, sink: MapGradSink, *tables: Tensor) -> Tensor:
+        ctx.set_materialize_grads(False)
+        out: Optional[Tensor] = None
+        for table, r, w in zip(tables, rows.unbind(0), weights.unbind(0)):
+            s = F.embedding_bag(r, table, offsets, mode="sum", per_sample_weights=w)
+            out = s if out is None else out.add_(s)
+        ctx.save_for_backward(rows, weights, offsets, *tables)
+        ctx.sink = sink
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Optional[Tensor]):
+        rows, weights, offsets, *tables = ctx.saved_tensors
+        nones = [None] * len(tables)
+        if grad is None:
+            return (None, None, None, None, *nones)
+        grad = grad.contiguous()
+        M, Cg = grad.shape
+        sink: MapGradSink = ctx.sink
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            bags = sink.point_of_corner(M, grad.device)
+            grad_w = torch.stack(
+                [
+                    torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                        grad, t, r, offsets, bags, _MODE_SUM, -1
+                    )
+                    for t, r in zip(tables, rows.unbind(0))
+                ]
+            )
+        needs = [ctx.needs_input_grad[4 + lvl] and sink.needs[lvl] for lvl in range(len(tables))]
+        if any(needs) and sink.will_collect():
+            g3 = grad.view(M, 1, Cg)
+            for lvl, (t, r, w) in enumerate(zip(tables, rows.unbind(0), weights.unbind(0))):
+                if needs[lvl]:
+                    _scatter(sink.accumulator(lvl, t.shape[0], t), r, w.view(M, 4, 1).to(grad.dtype), g3)
+        return (None, grad_w, None, None, *nones)
+
+
+class _GridSample(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, feat: Tensor, grid: Tensor, sink: MapGradSink, level: int, num_groups: int) -> Tensor:
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(feat, grid)
+        ctx.sink, ctx.level, ctx.num_groups = sink, level, num_groups
+        return torch.grid_sampler_2d(feat, grid, 0, 0, False)  # bilinear, zeros, align_corners=False
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Optional[Tensor]):
+        if grad is None:
+            return None, None, None, None, None
+        feat, grid = ctx.saved_tensors
+        sink: MapGradSink = ctx.sink
+        grad_grid = None
+        if ctx.needs_input_grad[1]:
+            # the native kernel, map gradient masked off (no full-map zero fill)
+            grad_grid = torch.ops.aten.grid_sampler_2d_backward(grad, feat, grid, 0, 0, False, [False, True])[1]
+        if ctx.needs_input_grad[0] and sink.needs[ctx.level] and sink.will_collect():
+            BG, Cg, H, W = feat.shape
+            G = ctx.num_groups
+            _, n, p, _ = grid.shape
+            M = BG * n * p
+            with torch.no_grad():
+                # pixel u = ((x + 1) * size - 1) / 2 per axis (align_corners=False), corners
+                # floor(u) + (0, 1) with weights (1 - frac, frac), zero outside the map
+                size = torch.tensor([W, H], dtype=grid.dtype, device=grid.device)
+                u = ((grid.reshape(M, 2) + 1) * size - 1) * 0.5
+                u0 = u.floor()
+                frac = u - u0
+                i0 = u0.long()
+                lim = torch.tensor([W - 1, H - 1], device=grid.device)
+                wts, idx = [], []
+                for d in (0, 1):
+                    i = torch.stack([i0[:, d], i0[:, d] + 1])  # (2, M)
+                    w = torch.stack([1 - frac[:, d], frac[:, d]])
+                    inside = (i >= 0) & (i <= lim[d])
+                    wts.append(w * inside)
+                    idx.append(i.clamp(0, int(lim[d])))
+                # table row of (b, y, x, g): ((b*H + y)*W + x)*G + g, folded map index bg = b*G + g
+                bg = torch.arange(BG, device=grid.device).repeat_interleave(n * p)
+                base = (bg // G) * (H * W * G) + bg % G
+                rows = (base + idx[1].unsqueeze(1) * (W * G) + idx[0].unsqueeze(0) * G).view(4, M)
+                cw = (wts[1].unsqueeze(1) * wts[0].unsqueeze(0)).view(4, M, 1).to(grad.dtype)
+                src = grad.permute(0, 2, 3, 1).reshape(1, M, Cg)  # point order (bg, n, p)
+                acc = sink.accumulator(ctx.level, BG * H * W, src)
+                _scatter(acc, rows.view(-1), cw, src)
+        return None, grad_grid, None, None, None
+
+
+def collect(maps: Sequence[Tensor], num_groups: int, as_tables: bool) -> Tuple[List[Tensor], MapGradSink]:
+    """L maps (B, C, H_l, W_l), some requiring grad -> the maps to sample from and the sink that
+    the stages' :func:`bag` / :func:`grid_sample` calls share.
+
+    as_tables: return row tables (B*H_l*W_l*G, C/G) (row ``((b*H + y)*W + x)*G + g``; a view of
+        a channels-last map, one channels-last copy of a contiguous one) for :func:`bag`, else
+        the maps themselves (views) for :func:`grid_sample`.
+    """
+    sink = MapGradSink([m.requires_grad for m in maps])
+    out = list(_Collect.apply(sink, num_groups, as_tables, *maps))
+    sink.node = out[0].grad_fn
+    return out, sink
+
+
+def bag(rows: Tensor, weights: Tensor, offsets: Tensor, sink: MapGradSink, tables: Sequence[Tensor]) -> Tensor:
+    """Sum over the levels l of ``F.embedding_bag(rows[l], tables[l], offsets, "sum",
+    per_sample_weights=weights[l])``.
+
+    Args:
+        rows: (L, 4*M) int64 table rows, 4 corners per point, point-major.
+        weights: (L, 4*M) corner weights (gradient returned exactly).
+        offsets: (M,) int64 ``0, 4, 8, ...``.
+        sink, tables: from :func:`collect` (``as_tables=True``).
+    Returns:
+        (M, C/G). The tables' gradient goes to the sink, not through this call's graph edges.
+    """
+    return _Bag.apply(rows, weights, offsets, sink, *tables)
+
+
+def grid_sample(feat: Tensor, grid: Tensor, sink: MapGradSink, level: int, num_groups: int) -> Tensor:
+    """``F.grid_sample(feat, grid, "bilinear", "zeros", align_corners=False)`` (the same kernel,
+    the same values and grid gradient) on the group-folded view (B*G, C/G, H, W) of level
+    ``level``'s contiguous map from :func:`collect` (``as_tables=False``); grid (B*G, n, p, 2).
+    The map gradient goes to the sink (rows of the channels-last map, group g of pixel (b, y, x)
+    at row ``((b*H + y)*W + x)*G + g``)."""
+    return _GridSample.apply(feat, grid, sink, level, num_groups)
