@@ -9,8 +9,9 @@ stage touches only a few rows (200 queries x 4 groups x 32 points x 4 corners pe
   Function from the L maps (B, C, H, W) to their row tables (B*H*W*G, C/G) (a free view of a
   channels-last map, one channels-last copy of a contiguous one). Every stage samples from its
   outputs, so autograd runs its backward only after all stages' backwards: it hands each map
-  the accumulated gradient (as a channels-last view; plus any dense gradient that reached the
-  tables some other way) and resets the accumulator.
+  the accumulated gradient (in the map's layout: a channels-last view, or one blocked transpose
+  copy for a contiguous map; plus any dense gradient that reached the maps some other way) and
+  resets the accumulator.
 * :func:`bag` is one stage's sampling: per level ``F.embedding_bag(mode="sum")`` of 4 weighted
   corner rows per point, summed over the levels. Its backward returns the exact gradient of
   the corner weights (``_embedding_bag_per_sample_weights_backward``: per corner the dot
@@ -82,6 +83,7 @@ class _Collect(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.sink = sink
         ctx.shapes = [m.shape for m in maps]
+        ctx.contiguous = [m.is_contiguous() for m in maps]
         if not as_tables:
             return tuple(m.view_as(m) for m in maps)
         tables = []
@@ -106,13 +108,28 @@ class _Collect(torch.autograd.Function):
                 continue
             B, C, H, W = shape
             if a is not None:
-                a = a.view(B, H, W, C).permute(0, 3, 1, 2)  # channels-last (B, C, H, W) view
+                a = _to_map_layout(a, shape, ctx.contiguous[lvl])
             if g is not None:
                 if g.shape != shape:  # a gradient that reached a row table directly
                     g = g.reshape(B, H, W, C).permute(0, 3, 1, 2)
                 a = g if a is None else a.add_(g)
             out.append(a)
         return (None, None, None, *out)
+
+
+def _to_map_layout(acc: Tensor, shape: torch.Size, contiguous: bool) -> Tensor:
+    """A (B*H*W*G, C/G) accumulator as the gradient of a (B, C, H, W) map: a channels-last view,
+    or for a contiguous map a contiguous copy made image by image as 2-D transposes (H*W, C) ->
+    (C, H*W), which take torch's blocked transpose copy (7x faster than ``.contiguous()`` of the
+    4-D channels-last view at (2, 256, 200, 304) on one thread)."""
+    B, C, H, W = shape
+    if not contiguous:
+        return acc.view(B, H, W, C).permute(0, 3, 1, 2)
+    src = acc.view(B, H * W, C)
+    out = acc.new_empty(B, C, H, W)
+    for b in range(B):
+        out[b].view(C, H * W).copy_(src[b].t())
+    return out
 
 
 def _scatter(acc: Tensor, rows: Tensor, weights: Tensor, grad: Tensor) -> None:

@@ -181,6 +181,8 @@ def test_retain_graph_repeated_and_partial_backwards(layout):
     prepared = sampler.prepare(inp)
     loss = sum((_sample(sampler, prepared, xy, z) ** 2).sum() for xy, z in pts)
     first = [g.clone() for g in torch.autograd.grad(loss, maps, retain_graph=True)]
+    if layout == "contiguous":  # the map gradient in the map's own layout
+        assert all(g.is_contiguous() for g in torch.autograd.grad(loss, inp, retain_graph=True))
     # a backward that needs only the points: the stages must not leave map gradient behind
     (gxy,) = torch.autograd.grad(loss, [pts[0][0]], retain_graph=True)
     assert gxy.abs().sum() > 0
