@@ -81,19 +81,28 @@ class _Collect(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sink: MapGradSink, num_groups: int, as_tables: bool, *maps: Tensor) -> Tuple[Tensor, ...]:
         ctx.set_materialize_grads(False)
-        ctx.sink = sink
+        ctx.sink, ctx.num_groups, ctx.as_tables = sink, num_groups, as_tables
         ctx.shapes = [m.shape for m in maps]
         ctx.contiguous = [m.is_contiguous() for m in maps]
-        if not as_tables:
-            return tuple(m.view_as(m) for m in maps)
-        tables = []
+        G = num_groups
+        out = []
         for m in maps:
             B, C, H, W = m.shape
-            hwc = m.permute(0, 2, 3, 1)
-            if not hwc.is_contiguous():
-                hwc = hwc.contiguous()  # NCHW -> channels-last, once per forward
-            tables.append(hwc.view(B * H * W * num_groups, C // num_groups))
-        return tuple(tables)
+            if as_tables:
+                hwc = m.permute(0, 2, 3, 1)
+                if not hwc.is_contiguous():
+                    hwc = hwc.contiguous()  # NCHW -> channels-last, once per forward
+                out.append(hwc.view(B * H * W * G, C // G))
+            else:
+                # per-group channels-last copy (B, G, H, W, C/G) made by B*G 2-D blocked transposes
+                # (C/G, H*W) -> (H*W, C/G); returned as the folded (B*G, C/G, H, W) view
+                Cg = C // G
+                grouped = m.new_empty(B, G, H, W, Cg)
+                for b in range(B):
+                    for g in range(G):
+                        grouped[b, g].view(H * W, Cg).copy_(m[b, g * Cg:(g + 1) * Cg].reshape(Cg, H * W).t())
+                out.append(grouped.view(B * G, H, W, Cg).permute(0, 3, 1, 2))
+        return tuple(out)
 
     @staticmethod
     @once_differentiable
@@ -108,20 +117,25 @@ class _Collect(torch.autograd.Function):
                 continue
             B, C, H, W = shape
             if a is not None:
-                a = _to_map_layout(a, shape, ctx.contiguous[lvl])
-            if g is not None:
-                if g.shape != shape:  # a gradient that reached a row table directly
+                if ctx.as_tables:
+                    a = _tables_to_map(a, shape, ctx.contiguous[lvl])
+                else:
+                    a = _grouped_to_map(a, shape, ctx.num_groups)
+            if g is not None:  # a dense gradient that reached the collector's output directly
+                if ctx.as_tables:
                     g = g.reshape(B, H, W, C).permute(0, 3, 1, 2)
+                else:
+                    g = g.reshape(B, C, H, W)
                 a = g if a is None else a.add_(g)
             out.append(a)
         return (None, None, None, *out)
 
 
-def _to_map_layout(acc: Tensor, shape: torch.Size, contiguous: bool) -> Tensor:
-    """A (B*H*W*G, C/G) accumulator as the gradient of a (B, C, H, W) map: a channels-last view,
-    or for a contiguous map a contiguous copy made image by image as 2-D transposes (H*W, C) ->
-    (C, H*W), which take torch's blocked transpose copy (7x faster than ``.contiguous()`` of the
-    4-D channels-last view at (2, 256, 200, 304) on one thread)."""
+def _tables_to_map(acc: Tensor, shape: torch.Size, contiguous: bool) -> Tensor:
+    """A (B*H*W*G, C/G) table-row accumulator as the gradient of a (B, C, H, W) map: a
+    channels-last view, or for a contiguous map a contiguous copy made image by image as 2-D
+    transposes (H*W, C) -> (C, H*W), which take torch's blocked transpose copy (7x faster than
+    ``.contiguous()`` of the 4-D channels-last view at (2, 256, 200, 304) on one thread)."""
     B, C, H, W = shape
     if not contiguous:
         return acc.view(B, H, W, C).permute(0, 3, 1, 2)
@@ -129,6 +143,19 @@ def _to_map_layout(acc: Tensor, shape: torch.Size, contiguous: bool) -> Tensor:
     out = acc.new_empty(B, C, H, W)
     for b in range(B):
         out[b].view(C, H * W).copy_(src[b].t())
+    return out
+
+
+def _grouped_to_map(acc: Tensor, shape: torch.Size, num_groups: int) -> Tensor:
+    """A (B*G*H*W, C/G) accumulator in per-group channels-last order (B, G, H, W, C/G) as the
+    contiguous (B, C, H, W) gradient of a map: B*G blocked 2-D transposes."""
+    B, C, H, W = shape
+    G, Cg = num_groups, C // num_groups
+    src = acc.view(B, G, H * W, Cg)
+    out = acc.new_empty(B, C, H, W)
+    for b in range(B):
+        for g in range(G):
+            out[b, g * Cg:(g + 1) * Cg].view(Cg, H * W).copy_(src[b, g].t())
     return out
 
 
@@ -182,17 +209,17 @@ class _Bag(torch.autograd.Function):
 
 class _GridSample(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, feat: Tensor, grid: Tensor, sink: MapGradSink, level: int, num_groups: int) -> Tensor:
+    def forward(ctx, feat: Tensor, grid: Tensor, sink: MapGradSink, level: int) -> Tensor:
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(feat, grid)
-        ctx.sink, ctx.level, ctx.num_groups = sink, level, num_groups
+        ctx.sink, ctx.level = sink, level
         return torch.grid_sampler_2d(feat, grid, 0, 0, False)  # bilinear, zeros, align_corners=False
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Optional[Tensor]):
         if grad is None:
-            return None, None, None, None, None
+            return None, None, None, None
         feat, grid = ctx.saved_tensors
         sink: MapGradSink = ctx.sink
         grad_grid = None
@@ -201,7 +228,6 @@ class _GridSample(torch.autograd.Function):
             grad_grid = torch.ops.aten.grid_sampler_2d_backward(grad, feat, grid, 0, 0, False, [False, True])[1]
         if ctx.needs_input_grad[0] and sink.needs[ctx.level] and sink.will_collect():
             BG, Cg, H, W = feat.shape
-            G = ctx.num_groups
             _, n, p, _ = grid.shape
             M = BG * n * p
             with torch.no_grad():
@@ -212,32 +238,33 @@ class _GridSample(torch.autograd.Function):
                 u0 = u.floor()
                 frac = u - u0
                 i0 = u0.long()
-                lim = torch.tensor([W - 1, H - 1], device=grid.device)
                 wts, idx = [], []
-                for d in (0, 1):
+                for d, last in ((0, W - 1), (1, H - 1)):
                     i = torch.stack([i0[:, d], i0[:, d] + 1])  # (2, M)
                     w = torch.stack([1 - frac[:, d], frac[:, d]])
-                    inside = (i >= 0) & (i <= lim[d])
+                    inside = (i >= 0) & (i <= last)
                     wts.append(w * inside)
-                    idx.append(i.clamp(0, int(lim[d])))
-                # table row of (b, y, x, g): ((b*H + y)*W + x)*G + g, folded map index bg = b*G + g
-                bg = torch.arange(BG, device=grid.device).repeat_interleave(n * p)
-                base = (bg // G) * (H * W * G) + bg % G
-                rows = (base + idx[1].unsqueeze(1) * (W * G) + idx[0].unsqueeze(0) * G).view(4, M)
+                    idx.append(i.clamp(0, last))
+                # accumulator row of pixel (y, x) of folded map bg = b*G + g: (bg*H + y)*W + x
+                base = torch.arange(0, BG * H * W, H * W, device=grid.device).repeat_interleave(n * p)
+                rows = (base + idx[1].unsqueeze(1) * W + idx[0].unsqueeze(0)).view(4, M)
                 cw = (wts[1].unsqueeze(1) * wts[0].unsqueeze(0)).view(4, M, 1).to(grad.dtype)
                 src = grad.permute(0, 2, 3, 1).reshape(1, M, Cg)  # point order (bg, n, p)
                 acc = sink.accumulator(ctx.level, BG * H * W, src)
                 _scatter(acc, rows.view(-1), cw, src)
-        return None, grad_grid, None, None, None
+        return None, grad_grid, None, None
 
 
 def collect(maps: Sequence[Tensor], num_groups: int, as_tables: bool) -> Tuple[List[Tensor], MapGradSink]:
-    """L maps (B, C, H_l, W_l), some requiring grad -> the maps to sample from and the sink that
-    the stages' :func:`bag` / :func:`grid_sample` calls share.
+    """L maps (B, C, H_l, W_l), some requiring grad -> what the stages sample from, and the sink
+    that their :func:`bag` / :func:`grid_sample` calls share.
 
-    as_tables: return row tables (B*H_l*W_l*G, C/G) (row ``((b*H + y)*W + x)*G + g``; a view of
-        a channels-last map, one channels-last copy of a contiguous one) for :func:`bag`, else
-        the maps themselves (views) for :func:`grid_sample`.
+    as_tables: row tables (B*H_l*W_l*G, C/G) (row ``((b*H + y)*W + x)*G + g``; a view of a
+        channels-last map, one channels-last copy of a contiguous one) for :func:`bag`; else
+        group-folded maps (B*G, C/G, H_l, W_l) for :func:`grid_sample`, views of one per-group
+        channels-last copy (B, G, H_l, W_l, C/G) (grid_sample reads a corner's C/G channels
+        from adjacent memory: ~3.7x faster forward and point backward than from C/G planes at
+        level 0 of the R50 decoder, bit-identical results).
     """
     sink = MapGradSink([m.requires_grad for m in maps])
     out = list(_Collect.apply(sink, num_groups, as_tables, *maps))
@@ -260,10 +287,9 @@ def bag(rows: Tensor, weights: Tensor, offsets: Tensor, sink: MapGradSink, table
     return _Bag.apply(rows, weights, offsets, sink, *tables)
 
 
-def grid_sample(feat: Tensor, grid: Tensor, sink: MapGradSink, level: int, num_groups: int) -> Tensor:
-    """``F.grid_sample(feat, grid, "bilinear", "zeros", align_corners=False)`` (the same kernel,
-    the same values and grid gradient) on the group-folded view (B*G, C/G, H, W) of level
-    ``level``'s contiguous map from :func:`collect` (``as_tables=False``); grid (B*G, n, p, 2).
-    The map gradient goes to the sink (rows of the channels-last map, group g of pixel (b, y, x)
-    at row ``((b*H + y)*W + x)*G + g``)."""
-    return _GridSample.apply(feat, grid, sink, level, num_groups)
+def grid_sample(feat: Tensor, grid: Tensor, sink: MapGradSink, level: int) -> Tensor:
+    """``F.grid_sample(feat, grid, "bilinear", "zeros", align_corners=False)`` (the same kernel:
+    the same values and grid gradient) of level ``level``'s folded map (B*G, C/G, H, W) from
+    :func:`collect` (``as_tables=False``); grid (B*G, n, p, 2) -> (B*G, C/G, n, p). The map
+    gradient goes to the sink (row ``(bg*H + y)*W + x`` of the (B*G*H*W, C/G) accumulator)."""
+    return _GridSample.apply(feat, grid, sink, level)
