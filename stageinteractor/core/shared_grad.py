@@ -6,9 +6,10 @@ size of every map and autograd then adds the stages' dense gradients map by map,
 stage touches only a few rows (200 queries x 4 groups x 32 points x 4 corners per level). Here:
 
 * :func:`collect` runs once per forward (``PointSampler.prepare``): an identity-like autograd
-  Function from the L maps (B, C, H, W) to their row tables (B*H*W*G, C/G) (a free view of a
-  channels-last map, one channels-last copy of a contiguous one). Every stage samples from its
-  outputs, so autograd runs its backward only after all stages' backwards: it hands each map
+  Function from the L maps (B, C, H, W) to what the stages sample from: row tables
+  (B*H*W*G, C/G) for :func:`bag` (a free view of a channels-last map, one channels-last copy of
+  a contiguous one) or group-folded maps (B*G, C/G, H, W) over one per-group channels-last copy
+  for :func:`grid_sample`. Every stage samples from its outputs, so autograd runs its backward only after all stages' backwards: it hands each map
   the accumulated gradient (in the map's layout: a channels-last view, or one blocked transpose
   copy for a contiguous map; plus any dense gradient that reached the maps some other way) and
   resets the accumulator.
@@ -18,13 +19,17 @@ stage touches only a few rows (200 queries x 4 groups x 32 points x 4 corners pe
   product of the output gradient and the table row) and scatter-adds ``weight x output
   gradient`` into the shared per-level accumulator (``index_add_`` on the (rows, C/G) table
   shape; zero-filled once per backward, on first use) instead of returning a map gradient.
+* :func:`grid_sample` is one level of one stage's grid_sample kernel: the native forward; its
+  backward takes the point gradient from the native backward with the map gradient masked off
+  (bit-identical to plain autograd's) and scatter-adds the map gradient likewise.
 
 Robustness: the stage backward adds to the accumulator only if the engine will run the
 collector in this backward (``torch.autograd.grad`` with inputs that exclude the maps leaves it
 out), the collector takes the accumulator and clears it (``retain_graph`` and repeated
 backwards start from zero), maps that do not require grad get no accumulator, stages whose
-backward does not run add nothing. Both Functions are once-differentiable.
+backward does not run add nothing. The Functions are once-differentiable.
 """
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -47,7 +52,7 @@ class MapGradSink:
     bags: cache of the point index of every corner, ``arange(M).repeat_interleave(4)``, per M.
     """
 
-    __slots__ = ("acc", "needs", "node", "bags")
+    __slots__ = ("acc", "needs", "node", "bags", "__weakref__")
 
     def __init__(self, needs: Sequence[bool]):
         self.acc: Optional[List[Optional[Tensor]]] = None
@@ -81,7 +86,8 @@ class _Collect(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sink: MapGradSink, num_groups: int, as_tables: bool, *maps: Tensor) -> Tuple[Tensor, ...]:
         ctx.set_materialize_grads(False)
-        ctx.sink, ctx.num_groups, ctx.as_tables = sink, num_groups, as_tables
+        # a weak reference: the sink holds this node (no reference cycle); the stages hold the sink
+        ctx.sink, ctx.num_groups, ctx.as_tables = weakref.ref(sink), num_groups, as_tables
         ctx.shapes = [m.shape for m in maps]
         ctx.contiguous = [m.is_contiguous() for m in maps]
         G = num_groups
@@ -107,8 +113,10 @@ class _Collect(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads: Optional[Tensor]):
-        sink = ctx.sink
-        acc, sink.acc = sink.acc, None
+        sink = ctx.sink()
+        acc = None
+        if sink is not None:
+            acc, sink.acc = sink.acc, None
         out: List[Optional[Tensor]] = []
         for lvl, (g, shape) in enumerate(zip(grads, ctx.shapes)):
             a = acc[lvl] if acc is not None else None

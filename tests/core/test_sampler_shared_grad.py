@@ -258,3 +258,27 @@ def test_plain_autograd_where_the_shared_gradient_does_not_apply():
     with FakeTensorMode() as mode:
         fake = [mode.from_tensor(m) for m in inp]
         assert GivenPoints().prepare(fake).sink is None
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("backward", [True, False])
+def test_freed_without_the_cycle_collector(layout, backward):
+    """The sink and the graph go when the last reference does (no reference cycle)."""
+    import gc
+    import weakref
+
+    sampler = GivenPoints()
+    maps, inp, pts = _setup(layout)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        prepared = sampler.prepare(inp)
+        loss = _sample(sampler, prepared, *pts[0]).sum()
+        if backward:
+            loss.backward()
+        sink, node = weakref.ref(prepared.sink), weakref.ref(prepared.sink.node)
+        del prepared, loss
+        assert sink() is None and node() is None
+    finally:
+        if enabled:
+            gc.enable()
