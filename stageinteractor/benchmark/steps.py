@@ -50,7 +50,8 @@ def inference_fn(model, batch, device: str, amp: bool) -> Callable[[], None]:
 
 class TrainStep:
     """One training step: forward (autocast with ``amp``), sum of the tensor losses, backward,
-    AdamW step (lr 1e-6, weight decay 1e-4: the weights barely move between timed steps).
+    AdamW step (lr 1e-6, weight decay 1e-4: the weights barely move between timed steps), built
+    as the configs build it (:func:`stageinteractor.d2.engine.build_adamw`: fused where supported).
 
     With ``amp`` on CUDA the loss is scaled by a ``torch.amp.GradScaler("cuda")`` and the step
     goes through it (``scaler.step`` + ``scaler.update``), as in training; ``scaler`` is None
@@ -67,7 +68,9 @@ class TrainStep:
 
         self.model, self.batch, self.device, self.amp, self.clip = model, batch, device, amp, clip
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=1e-6, weight_decay=1e-4)
+        from stageinteractor.d2.engine import build_adamw
+
+        self.opt = build_adamw(self.params, lr=1e-6, weight_decay=1e-4)
         self.scaler: Optional[Any] = None
         if amp and str(device).startswith("cuda"):
             self.scaler = torch.amp.GradScaler("cuda")

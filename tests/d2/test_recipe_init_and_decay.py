@@ -209,3 +209,41 @@ def test_r50_optimizer_step_settings_are_the_authors_recorded_ones():
     clip = cfg.train.clip_grad
     assert clip.enabled and clip.params.max_norm == meta["max_norm"]
     assert clip.params.norm_type == meta["norm_type"]
+
+
+def _adamw_by_hand(p0, grads, lr, betas, eps, wd):
+    """AdamW (decoupled weight decay, bias-corrected moments) written out in float64."""
+    p, m, v = p0.double().clone(), torch.zeros_like(p0, dtype=torch.float64), torch.zeros_like(p0, dtype=torch.float64)
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        p = p * (1 - lr * wd)
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        m_hat, v_hat = m / (1 - betas[0] ** t), v / (1 - betas[1] ** t)
+        p = p - lr * m_hat / (v_hat.sqrt() + eps)
+    return p
+
+
+@pytest.mark.parametrize("fused", ["auto", False])
+def test_build_adamw_steps_equal_the_adamw_formula(fused):
+    from stageinteractor.d2.engine import build_adamw, fused_adamw_supported
+
+    g = torch.Generator().manual_seed(0)
+    p0 = torch.randn(3, 50, generator=g)
+    grads = [torch.randn(3, 50, generator=g) * 10 ** -k for k in range(3)]
+    p = torch.nn.Parameter(p0.clone())
+    opt = build_adamw([{"params": [p]}], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, fused=fused)
+    assert bool(opt.defaults["fused"]) == (fused == "auto" and fused_adamw_supported([p]))
+    for gr in grads:
+        p.grad = gr.clone()
+        opt.step()
+    expected = _adamw_by_hand(p0, grads, 1e-2, (0.9, 0.999), 1e-8, 0.1)
+    assert torch.allclose(p.detach().double(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_adamw_support_follows_the_device():
+    from stageinteractor.d2.engine import fused_adamw_supported
+
+    assert not fused_adamw_supported([torch.zeros(2, device="meta")])
+    assert not fused_adamw_supported([torch.zeros(2, dtype=torch.int64)])
+    assert not fused_adamw_supported([])
