@@ -13,7 +13,8 @@ from typing import Any, Dict, List
 
 __all__ = ["GEMM_OPS", "build_inputs", "label_sections", "profile_decoder", "print_report"]
 
-GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::matmul")
+# mkldnn::_linear_pointwise: the oneDNN products of stageinteractor.core.gemm.linear (CPU float32)
+GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::matmul", "mkldnn::_linear_pointwise")
 
 
 def _wrap(module, name: str, method: str = "forward") -> None:

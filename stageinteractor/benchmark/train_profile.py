@@ -11,6 +11,9 @@ OP_GROUPS: Dict[str, Tuple[str, ...]] = {
     "convolutions, forward (THNN 1x1 / oneDNN)": ("aten::_slow_conv2d_forward",
                                                   "aten::mkldnn_convolution"),
     "convolutions, backward": ("aten::_slow_conv2d_backward", "aten::convolution_backward"),
+    # gemm.linear's oneDNN products (CPU float32: decoder Linears, the backbone's 1x1 convs over
+    # pixel rows), forward and backward together
+    "oneDNN products (gemm.linear)": ("mkldnn::_linear_pointwise",),
     "linear layers, forward (addmm)": ("aten::addmm",),
     "linear layers, backward (mm)": ("aten::mm",),
     "batched products (bmm, baddbmm)": ("aten::bmm", "aten::baddbmm"),

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .gemm import Linear, linear
+
 __all__ = ["IoFSelfAttention", "iof_log_bias"]
 
 
@@ -47,7 +49,9 @@ class IoFSelfAttention(nn.Module):
     """Multi-head self-attention with an additive per-head IoF bias ``tau_h * log(IoF + 1e-7)``.
 
     Parameters mirror ``nn.MultiheadAttention`` (``in_proj_weight`` (3D, D) stacked q/k/v,
-    ``in_proj_bias``, ``out_proj``) plus ``iof_tau`` (H,). Dropout is 0.
+    ``in_proj_bias``, ``out_proj``) plus ``iof_tau`` (H,). Dropout is 0. Both projections are
+    :func:`~stageinteractor.core.gemm.linear` (oneDNN on CPU float32); the attention itself is
+    ``F.scaled_dot_product_attention``.
     """
 
     def __init__(self, *, embed_dim: int = 256, num_heads: int = 8):
@@ -58,7 +62,7 @@ class IoFSelfAttention(nn.Module):
         self.num_heads = num_heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = Linear(embed_dim, embed_dim)
         self.iof_tau = nn.Parameter(torch.empty(num_heads))
         self.register_buffer("corner_sign", torch.tensor([1.0, 1.0, -1.0, -1.0]), persistent=False)
         self.register_buffer("log_eps", torch.tensor(1e-7), persistent=False)
@@ -86,7 +90,7 @@ class IoFSelfAttention(nn.Module):
         """
         B, N = log_iof.shape[0], log_iof.shape[-1]
         H = self.num_heads
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (BN, 3D)
+        qkv = linear(x, self.in_proj_weight, self.in_proj_bias)  # (BN, 3D), oneDNN on CPU float32
         q, k, v = qkv.view(B, N, 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd)
         bias = self.iof_tau.view(1, H, 1, 1) * log_iof  # (B, H, N, N)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))

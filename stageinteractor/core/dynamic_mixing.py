@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .filter_bank import FilterBank
+from .gemm import Linear
 from .static_mixing import StaticMixing
 
 __all__ = ["CascadeDynamicMixing", "fuse_group_rows"]
@@ -174,7 +175,7 @@ class CascadeDynamicMixing(nn.Module):
         if num_reused_spatial > 0:
             blocks += [("u", self.reused_rows), ("v", P)]
         self.blocks = blocks
-        self.out_proj = nn.Linear(G * out_points * C, query_dim)
+        self.out_proj = Linear(G * out_points * C, query_dim)  # oneDNN on CPU float32 (core.gemm)
         self.out_norm = nn.LayerNorm(query_dim)
         if n > 0 and static_mixing != "none":
             self.static = nn.ModuleList(

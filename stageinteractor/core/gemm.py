@@ -1,23 +1,26 @@
-"""CPU matrix-product helpers for the decoder's wide generator GEMM.
+"""CPU matrix products of the decoder: oneDNN linear layers and the column-blocked generator GEMM.
 
-Each stage's fused generator (:class:`~stageinteractor.core.stage.DecoderStage`) is a Linear
-with few rows (the B*N queries) and a very wide output (26k-50k columns at R50-100q). For that
-shape the CPU BLAS (MKL) reaches only 58-72 % of its square-sgemm rate on a 2-core EPYC: the
+**oneDNN** (:func:`linear`, :class:`Linear`). On AMD CPUs the float32 BLAS behind ``F.linear``
+/ ``torch.mm`` (MKL) runs its AVX2 path, ~90 GFLOPS on one EPYC core, while oneDNN's AVX-512
+kernels (``torch.ops.mkldnn._linear_pointwise``) reach ~190. :func:`linear` runs the forward
+and every product of the backward (``dx = dy W``, ``dW = dy^T x``) on oneDNN for CPU float32
+tensors of at least :data:`MIN_ONEDNN_MACS` multiply-adds (:func:`use_onednn`), and is
+``F.linear`` everywhere else (CUDA, other dtypes, autocast, tracing / export / compile, small
+products). Every Linear of the decoder uses it (values equal up to float round-off).
+
+**Column blocks** (:func:`wide_linear`, the stage's fused generator, only where oneDNN is off).
+Each stage's generator is a Linear with few rows (the B*N queries) and a very wide output (26k-50k
+columns at R50-100q). For that shape MKL reaches only 58-72 % of its square-sgemm rate: the
 output row panel it streams is far larger than the caches. Splitting the columns into blocks of
-:data:`COLUMN_BLOCK` and running one GEMM per block, each writing its slice of one preallocated
-output, brings the same product to 76-99 % of that rate (1 and 2 threads, 100 and 300 queries;
-``docs/BENCHMARKS.md``). Every output element is the same dot product in the same order, so the
-result is bit-identical to ``F.linear``.
-
-The blocked product is **one** batched GEMM: the (K, N) weight viewed as n column blocks
-(n, K, N/n), the input broadcast over them (a stride-0 batch), and the result written through
-the (M, n, N/n) -> (n, M, N/n) view of one (M, N) output, so nothing is copied; the bias is
-added afterwards in place (the same sums up to float round-off). Used only where it helps and
-is safe: CPU tensors, no autograd (``out=`` records no graph), not while tracing / exporting /
-compiling (dynamo cannot capture a non-contiguous ``out=``: one graph break per stage),
-weights of at least :data:`MIN_BLOCKED_WEIGHT_BYTES` (smaller weights stay in the caches and
-gain nothing) and outputs with a divisor of N near :data:`COLUMN_BLOCK` columns (n >= 3). Everywhere else
-(CUDA, training, export) this is ``F.linear``.
+:data:`COLUMN_BLOCK`, each GEMM writing its slice of one preallocated output, brings the same
+product to 76-99 % of that rate (bit-identical to ``F.linear``). The blocked product is **one**
+batched GEMM: the (K, N) weight viewed as n column blocks (n, K, N/n), the input broadcast over
+them (a stride-0 batch), and the result written through the (M, n, N/n) -> (n, M, N/n) view of
+one (M, N) output; the bias is added afterwards in place. Used only where it helps and is safe:
+CPU tensors, no autograd, not while tracing / exporting / compiling (dynamo cannot capture a
+non-contiguous ``out=``), weights of at least :data:`MIN_BLOCKED_WEIGHT_BYTES` and outputs with a
+divisor of N near :data:`COLUMN_BLOCK` columns (n >= 3). oneDNN's unblocked product is ~2.4x
+faster still, so :func:`wide_linear` is :func:`linear` wherever :func:`use_onednn` holds.
 """
 from functools import lru_cache
 from typing import Optional
@@ -65,8 +68,13 @@ def column_blocks(n_cols: int, block: int = COLUMN_BLOCK) -> int:
 def wide_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(x, weight, bias)`` for x (M, K), weight (N, K), bias (N,) -> (M, N).
 
-    On CPU without autograd: one ``bmm`` over :func:`column_blocks` column blocks of the
-    weight into a preallocated (M, N) output, then ``+ bias`` in place."""
+    Where :func:`use_onednn` holds this is :func:`linear` (oneDNN, training and inference: for
+    the generator's shapes ~2.4x the blocked MKL product below, 14 vs 36 ms at 200 x 256 x
+    28080 on one EPYC core). Otherwise on CPU without autograd (oneDNN disabled or absent): one
+    ``bmm`` over :func:`column_blocks` column blocks of the weight into a preallocated (M, N)
+    output, then ``+ bias`` in place."""
+    if use_onednn(x, weight):
+        return linear(x, weight, bias)
     n_cols, k = weight.shape
     if (
         x.device.type != "cpu"
@@ -95,9 +103,12 @@ def wide_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Ten
 # ---------------------------------------------------------------------------------------------
 # oneDNN matrix products (CPU, float32, forward and backward)
 # ---------------------------------------------------------------------------------------------
-#: below this many multiply-adds (M*N*K) a product stays on F.linear: the oneDNN primitive's
-#: per-call set-up is not repaid
-MIN_ONEDNN_MACS = 1 << 18
+#: below this many multiply-adds (M*N*K) a product stays on F.linear: the oneDNN call costs
+#: ~20 us more per product (~60 us per forward + backward). Measured crossover (EPYC, 200 x 256
+#: x N): ~2M MACs at 1 thread (1.2M: 0.83-0.92x, 4.1M: 1.3x), 4-13M at 2 threads (4.1M:
+#: 0.85-0.9x, 13M: 1.2-1.5x); the decoder's products below it (box delta 0.2M, class logits
+#: 4.1M at R50-100q) are a few us either way
+MIN_ONEDNN_MACS = 1 << 22
 
 
 def _onednn_op():
@@ -111,13 +122,22 @@ def _onednn_op():
         return None
 
 
+def _dense(t: Tensor) -> bool:
+    """Whether the 2-D ``t`` is row- or column-major with no gaps (its transpose contiguous)."""
+    return t.is_contiguous() or t.t().is_contiguous()
+
+
 def _mm(a: Tensor, b_t: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``a @ b_t.T (+ bias)`` for 2-D a (M, K), b_t (N, K) -> (M, N) contiguous, through oneDNN.
-    Any strides except zero strides (an expanded operand is copied first)."""
-    if 0 in a.stride():
-        a = a.contiguous()
-    if 0 in b_t.stride():
+
+    Any strides: the op copies a non-contiguous ``a`` itself (so callers pass as ``a`` the
+    smaller operand of a transposed product); ``b_t`` may be row- or column-major at no cost,
+    any other layout (a column slice, an expanded tensor) is copied here first -- oneDNN runs
+    such a weight through a reference kernel ~1000x slower."""
+    if not _dense(b_t):
         b_t = b_t.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
     return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, "none", [], "")
 
 
@@ -180,13 +200,12 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     float round-off (another summation order). Everywhere else this is ``F.linear``."""
     if not use_onednn(x, weight):
         return F.linear(x, weight, bias)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # 2-D: no view op (op-count budget)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         y = _OneDNNLinear.apply(x2, weight, bias)
     else:
         y = _mm(x2, weight, bias)
-    return y.view(*lead, weight.shape[0])
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Linear):

@@ -14,10 +14,12 @@ kinds (paper Tab. 16):
 * ``"spatial"``: ``spatial`` = Linear(P -> P) over the point axis, applied to every channel.
 
 All weights and biases are zero-initialised (spec §5), so at init the output is ``residual``.
+The Linears are :class:`~stageinteractor.core.gemm.Linear` (oneDNN products on CPU float32).
 """
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .gemm import Linear, linear
 
 __all__ = ["StaticMixing"]
 
@@ -37,12 +39,12 @@ class StaticMixing(nn.Module):
         self.num_sub = num_points // num_blocks
         self.channels = channels
         if kind == "channel_spatial":
-            self.intra = nn.Linear(self.num_sub * channels, self.num_sub * channels)
-            self.inter = nn.Linear(num_blocks * channels, num_blocks * channels)
+            self.intra = Linear(self.num_sub * channels, self.num_sub * channels)
+            self.inter = Linear(num_blocks * channels, num_blocks * channels)
         elif kind == "channel":
-            self.channel = nn.Linear(channels, channels)
+            self.channel = Linear(channels, channels)
         else:
-            self.spatial = nn.Linear(num_points, num_points)
+            self.spatial = Linear(num_points, num_points)
         for p in self.parameters():
             nn.init.zeros_(p)
 
@@ -55,12 +57,12 @@ class StaticMixing(nn.Module):
         M = x.shape[0]
         K, S, C = self.num_blocks, self.num_sub, self.channels
         if self.kind == "channel_spatial":
-            intra = F.linear(x.view(M * K, S * C), self.intra.weight, self.intra.bias).view(M, K, S, C)
+            intra = linear(x.view(M * K, S * C), self.intra.weight, self.intra.bias).view(M, K, S, C)
             xt = x.view(M, K, S, C).transpose(1, 2).contiguous().view(M * S, K * C)
-            inter = F.linear(xt, self.inter.weight, self.inter.bias).view(M, S, K, C).transpose(1, 2)
+            inter = linear(xt, self.inter.weight, self.inter.bias).view(M, S, K, C).transpose(1, 2)
             # in place on the intra GEMM's output (its backward does not need it): same sums,
             # no two extra (M, P, C) buffers
             return intra.add_(inter).view(M, self.num_points, C).add_(residual)
         if self.kind == "channel":
-            return residual + F.linear(x, self.channel.weight, self.channel.bias)
+            return residual + linear(x, self.channel.weight, self.channel.bias)
         return residual + torch.matmul(self.spatial.weight, x) + self.spatial.bias.unsqueeze(-1)

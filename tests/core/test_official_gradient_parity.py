@@ -12,7 +12,8 @@ inputs the same float32 values cast up); our gradients are put into the official
 
 Tolerances, per key, from a float32 floor F = ||g32 - g64||_2 (relative r = F / ||g||):
 
-* the slow tests derive F from **our own** float32 vs float64 gradients, run here;
+* the slow tests derive F from **our own** float32 vs float64 gradients, run here, plus the
+  authors' (the difference of two float32 results carries both round-offs);
 * the fast tests take F from the fixture (the authors' own float32 error), at least 1e-4 of
   the gradient norm: ``test_our_floor_is_not_larger_than_the_authors`` (slow) checks that ours
   is at most 4x theirs or below that 1e-4 (measured, ours / theirs per key: median 1.13,
@@ -150,13 +151,16 @@ def _authors_floors(gfx):
 
 def _our_floors(gfx, run32, run64):
     """name -> (F, r, entry floor, entry factor) from OUR float32 error (slow tests):
-    F = ||g32 - g64||_2 (ours), r = F / ||g64||, entry floor = |g32_i - g64_i| (ours) + the
+    F = ||g32 - g64||_2 (ours) + the authors' (both float32 results carry round-off, as in
+    the entry floor: with ours alone, a key where our float32 happens to land on the float64
+    value within 0.05 ulp, stage 0's fc_cls.bias with oneDNN products, gets a tolerance below
+    the authors' own error), r = F / ||g64||, entry floor = |g32_i - g64_i| (ours) + the
     authors' at that entry, FLOOR_FACTOR."""
     out = {}
     for name in gfx.names:
         a, b = run32["g32"][name].double(), run64["g64"][name]
         pos = gfx.expected[f"pos/{name}"]
-        F = max(float(torch.linalg.vector_norm(a - b)), ABS_MIN)
+        F = max(float(torch.linalg.vector_norm(a - b)) + gfx.floor(name), ABS_MIN)
         F_pos = (a.reshape(-1)[pos] - b.reshape(-1)[pos]).abs() + gfx.floor_values(name)
         out[name] = (F, F / max(float(torch.linalg.vector_norm(b)), 1e-300), F_pos, FLOOR_FACTOR)
     return out
