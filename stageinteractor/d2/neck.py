@@ -14,14 +14,14 @@ Swin-S (96, 192, 384, 768).
 CPU float32 with channels-last inputs (what :class:`~stageinteractor.d2.backbone.ResNet`'s folded
 path returns, :func:`~stageinteractor.d2.backbone.resnet.use_folded`): each lateral conv runs on
 oneDNN's convolution (dilation 2, no effect on a 1x1 kernel, keeps torch from its ~2x slower THNN
-kernel for unstrided 1x1 convs at 1 thread; see the resnet module doc). Output layout: contiguous
-(NCHW) maps in training (one layout copy per level before the GroupNorm), channels-last maps in
-CPU inference (see :meth:`ChannelMapping.forward`). Measured (800x1216 / 512x768, batch 2, 1
-thread): the neck alone is ~1.5x faster with channels-last training output (GroupNorm on
-channels-last, no copy), but the whole R50-100q training step is ~1.4x SLOWER with it, because
-channels-last maps switch the decoder's sampler to its gather kernel, whose training backward is
-slower than grid_sample's; so training keeps contiguous maps. Other inputs (NCHW, CUDA, autocast,
-tracing) run ``nn.Conv2d`` as it is.
+kernel for unstrided 1x1 convs at 1 thread; see the resnet module doc). The maps stay
+channels-last, in training too: the decoder's sampler then reads them with its gather kernel.
+Measured (R50-100q training step, batch 2, 800x1216, 1 thread, sampler with the shared map
+gradient of ``core/shared_grad.py``, one process, interleaved, best of 2, load ~1): 9.3 s with
+contiguous training maps (a layout copy per level before the GroupNorm, grid_sample kernel) vs
+8.3 s channels-last. (Before that sampler
+change the channels-last maps were ~1.4x slower at 512x768.) Other inputs (NCHW, CUDA, autocast,
+tracing) run ``nn.Conv2d`` as it is, the layout following the input's.
 
 Official key mapping (mmdet ``neck.``): ``lateral_convs.{l}.conv.{weight,bias}`` ->
 ``lateral_convs.{l}.{weight,bias}``; ``gn_out.*`` -> ``gn_out.*``.
@@ -53,7 +53,8 @@ class ChannelMapping(nn.Module):
 
     ``forward(features)``: ``features`` is the backbone's dict (or a list/tuple ordered like
     ``in_features``); returns a list of ``len(in_features)`` tensors (B, out_channels, H_l, W_l)
-    (channels-last memory format in CPU inference; the values do not depend on the layout).
+    (channels-last memory format in CPU inference, and in CPU training after the folded ResNet;
+    the values do not depend on the layout).
     """
 
     def __init__(
@@ -107,17 +108,16 @@ class ChannelMapping(nn.Module):
             # decoder's sampler reads every map at 4 corners x 100s of points x 6 stages, and
             # the CPU ``grid_sample`` then gathers a pixel's channels from one or two cache lines
             # instead of one plane per channel (3-4x faster at the stride-4 level; see
-            # ``PointSampler.fold``). Training and GPUs keep the contiguous layout.
+            # ``PointSampler.fold``). GPUs keep the contiguous layout; CPU training keeps the
+            # layout of the lateral convs' result (channels-last after the folded ResNet).
             out = [f.contiguous(memory_format=torch.channels_last) for f in out]
         return out
 
     def _lateral(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         """``conv(x)`` for x (B, C_l, H, W) -> (B, out_channels, H, W). A channels-last x on the
-        folded CPU path runs on oneDNN's convolution; the result is channels-last in CPU
-        inference, contiguous in training (module doc)."""
+        folded CPU path runs on oneDNN's convolution (channels-last result; module doc)."""
         if x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous() and use_folded(x):
-            y = F.conv2d(x, conv.weight, conv.bias, 1, 0, 2)  # dilation 2: oneDNN, not THNN
-            return y.contiguous() if self.training else y
+            return F.conv2d(x, conv.weight, conv.bias, 1, 0, 2)  # dilation 2: oneDNN, not THNN
         return conv(x)
 
     def output_shape(self) -> List[ShapeSpec]:
