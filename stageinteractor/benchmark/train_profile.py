@@ -17,8 +17,14 @@ OP_GROUPS: Dict[str, Tuple[str, ...]] = {
     "linear layers, forward (addmm)": ("aten::addmm",),
     "linear layers, backward (mm)": ("aten::mm",),
     "batched products (bmm, baddbmm)": ("aten::bmm", "aten::baddbmm"),
-    "grid_sample forward": ("aten::grid_sampler_2d",),
-    "grid_sample backward": ("aten::grid_sampler_2d_backward",),
+    # the sampler's kernels: grid_sample, or the gather kernel (embedding_bag) with the shared
+    # map gradient of core/shared_grad.py (scatter-adds into one buffer per level)
+    "point sampling forward (grid_sample / embedding_bag)": ("aten::grid_sampler_2d",
+                                                             "aten::_embedding_bag"),
+    "point sampling backward": ("aten::grid_sampler_2d_backward",
+                                "aten::_embedding_bag_per_sample_weights_backward",
+                                "aten::_embedding_bag_dense_backward",
+                                "aten::scatter_add_", "aten::index_add_"),
     "zero fills (fill_)": ("aten::fill_",),
     "norms forward + backward": ("aten::native_group_norm", "aten::native_group_norm_backward",
                                  "aten::native_batch_norm", "aten::native_batch_norm_backward",
